@@ -1,0 +1,26 @@
+# The README's two commands: `make train` and `make test`. Both set up a fresh machine first.
+PYTHON ?= python3
+NPROC ?= 1
+ARGS ?=
+
+.PHONY: setup train test test-slow bench
+
+# Reuses an installed torch; otherwise installs torch 2.13.0 (the CPU build on a machine without a
+# GPU). The project's own range for torch admits 2.13, so pip never swaps in a CUDA build.
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+
+train: setup
+	@if [ "$(NPROC)" = "1" ]; then $(PYTHON) -m recipes.pretrain $(ARGS); \
+	else $(PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m recipes.pretrain $(ARGS); fi
+
+test: setup
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PYTHON) -m pytest -q -m slow
+
+bench: setup
+	$(PYTHON) -m benchmarks.throughput
+	$(PYTHON) -m benchmarks.flops

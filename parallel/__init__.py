@@ -1,0 +1,1 @@
+"""Everything that knows about device meshes and process groups; model-agnostic."""

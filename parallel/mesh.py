@@ -1,0 +1,84 @@
+"""Parallel degrees, validated up front, and the process-group setup they need."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from parallel.errors import LayoutError
+
+
+@dataclass
+class ParallelDims:
+    """Degrees of each parallel dimension; `dp_shard=-1` takes whatever ranks are left."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for key in ("dp_replicate", "tp", "pp"):
+            if getattr(self, key) < 1:
+                raise LayoutError(f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}.",
+                                  f"set parallel.{key}=1 or more.")
+        fixed = self.dp_replicate * self.tp * self.pp
+        if self.dp_shard == -1:
+            if self.world_size % fixed:
+                raise LayoutError("parallel.dp_shard",
+                                  f"world size {self.world_size} is not a multiple of dp_replicate x tp x pp = {fixed}.",
+                                  "launch a multiple of that many ranks or change the degrees.")
+            self.dp_shard = self.world_size // fixed
+        if self.dp_shard < 1:
+            raise LayoutError("parallel.dp_shard", f"must be -1 or >= 1, got {self.dp_shard}.",
+                              "set parallel.dp_shard=-1 to use the ranks left.")
+        product = fixed * self.dp_shard
+        if product != self.world_size:
+            raise LayoutError("parallel.dp_shard",
+                              f"dp_replicate x dp_shard x tp x pp = {self.dp_replicate} x {self.dp_shard} x "
+                              f"{self.tp} x {self.pp} = {product}, but the world size is {self.world_size}.",
+                              "make the product equal the number of ranks (dp_shard=-1 fills it in).")
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+
+@dataclass
+class DistEnv:
+    """This process's place in the job, read from torchrun's environment."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+def read_env() -> DistEnv:
+    """Rank and device from torchrun's variables (a plain `python` run is rank 0 of 1)."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return DistEnv(rank, local_rank, world_size, local_world_size, device)
+
+
+def init_process_group(env: DistEnv, timeout_s: float = 300.0) -> None:
+    """NCCL on GPUs, gloo on CPU; a timeout so a dead peer ends the job instead of hanging it."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=env.device if backend == "nccl" else None)

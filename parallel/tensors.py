@@ -1,0 +1,24 @@
+"""Helpers that treat plain tensors and DTensors alike."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write a full-size value into `param`, keeping only this rank's shard for a DTensor.
+
+    No communication: every rank holds the same `full`, so each takes its own slice.
+    """
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)
+
+
+def local_device(param: torch.Tensor) -> torch.device:
+    """Device of the data this rank actually holds."""
+    return param.to_local().device if isinstance(param, DTensor) else param.device

@@ -1,0 +1,1 @@
+"""Hydra entry points: `python -m recipes.pretrain`, `recipes.prepare_data`, ..."""

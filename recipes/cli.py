@@ -1,0 +1,85 @@
+"""Shared command-line plumbing for the recipes: compose the Hydra config, fail cleanly.
+
+Configs are composed with Hydra's compose API from the package's own config folder, so a recipe
+works from any working directory and from an installed package, writes no Hydra output folders,
+and turns every config problem into one paragraph on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, NoReturn
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_ERROR_EXIT = 2
+
+
+def config_dir() -> Path:
+    """`configs/` beside the packages in a source tree, else the copy installed as package data."""
+    source_tree = Path(__file__).resolve().parent.parent / "configs"
+    if (source_tree / "pretrain.yaml").is_file():
+        return source_tree
+    import recipes._configs as installed  # packaged from configs/ by pyproject.toml
+
+    return Path(installed.__file__).parent
+
+
+def fail(message: str, rank: int = 0) -> NoReturn:
+    """Print a config error once (rank 0) and exit with code 2."""
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(CONFIG_ERROR_EXIT)
+
+
+def _clean(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("    full_key")]
+    return " ".join(lines)
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """Compose `configs/<name>.yaml` with command-line overrides; exit 2 on unknown keys or bad types."""
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name=name, overrides=overrides)
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            fail(f"config error at `{missing[0]}`: no value given. Fix: set {missing[0]}=<value> on the command line.")
+        return cfg
+    except (HydraException, OmegaConfBaseException) as exc:
+        cause = exc.__cause__ or exc
+        fail(f"bad config or override: {_clean(cause)} Fix: check the key's spelling and type against "
+             f"`python -m recipes.{name} --cfg`, or add a new key with `+key=value`.")
+
+
+def parse_args(name: str, argv: list[str]) -> tuple[DictConfig, bool]:
+    """Overrides and `--cfg` (print the composed config and exit)."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python -m recipes.{name} [key=value ...] [--cfg]\n"
+              f"Config: {config_dir() / (name + '.yaml')}. `--cfg` prints the composed config.")
+        raise SystemExit(0)
+    show = "--cfg" in argv
+    overrides = [a for a in argv if a != "--cfg"]
+    bad = [a for a in overrides if a.startswith("-")]
+    if bad:
+        fail(f"unknown option {bad[0]!r}. Fix: pass config overrides as key=value (see --help).")
+    return compose_config(name, overrides), show
+
+
+@contextmanager
+def config_errors(rank: int = 0) -> Iterator[None]:
+    """Turn ConfigError / LayoutError raised inside the block into a clean exit 2."""
+    from parallel.errors import LayoutError
+    from titan.config import ConfigError
+
+    try:
+        yield
+    except (ConfigError, LayoutError) as exc:
+        fail(str(exc), rank)

@@ -1,0 +1,171 @@
+"""Pre-training recipe: `python -m recipes.pretrain [overrides]` or under `torchrun`.
+
+Reads top to bottom as the data flows: config -> validation -> run dir -> data -> model on meta ->
+parallelize -> initialize from the seed -> optimizer -> resume -> train -> save -> report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from parallel.mesh import ParallelDims, read_env
+from recipes.cli import config_errors, fail, parse_args
+from titan.checkpoint import CheckpointManager
+from titan.config import ConfigError, PretrainConfig, register_schemas, validate
+from titan.data.loader import eval_batches, load_data, train_loader
+from titan.metrics import ConsoleSink, JsonlSink, MetricsLogger, ThroughputMeter, WandbSink, default_peak_tflops
+from titan.models import build_model, flops_per_token, init_weights
+from titan.optim import build_optimizer, build_scheduler
+from titan.trainer import DataParallelInfo, Trainer, TrainState
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def resolve_resume(cfg: PretrainConfig, run_dir: Path, manager: CheckpointManager) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to start over another run's checkpoints."""
+    resume = cfg.checkpoint.resume
+    if resume == "auto":
+        return manager.latest()
+    if resume == "none":
+        if manager.latest() is not None:
+            raise ConfigError("checkpoint.resume", f"{run_dir} already holds checkpoints of another run.",
+                              "resume it with checkpoint.resume=auto, or pick a new run.dir.")
+        return None
+    path = Path(resume).expanduser().resolve()
+    if not (path / "COMMITTED").is_file():
+        raise ConfigError("checkpoint.resume", f"{path} is not a committed checkpoint folder.",
+                          "point it at a checkpoints/step-<N> folder, or use auto / none.")
+    return path
+
+
+def check_data(cfg: PretrainConfig) -> None:
+    """Fail before any work when the corpus cannot be read."""
+    d = cfg.data
+    if d.source != "pydoc" and not (d.path and (Path(d.path).exists() or any(c in d.path for c in "*?["))):
+        raise ConfigError("data.path", f"{d.path!r} does not exist.", "point data.path at your files.")
+    if d.source == "tokens" and not (Path(d.path) / "meta.json").is_file():
+        raise ConfigError("data.path", f"{d.path} holds no meta.json from recipes.prepare_data.",
+                          "run `python -m recipes.prepare_data` and point data.path at its out folder.")
+    if d.tokenizer != "byte" and d.source != "tokens" and not Path(d.tokenizer).exists():
+        raise ConfigError("data.tokenizer", f"{d.tokenizer!r} does not exist.",
+                          "use `byte` or the path of a Hugging Face tokenizer.json.")
+
+
+def main(argv: list[str]) -> None:
+    register_schemas()
+    raw, show_config = parse_args("pretrain", argv)
+    if show_config:
+        print(OmegaConf.to_yaml(raw))
+        return
+    cfg: PretrainConfig = OmegaConf.to_object(raw)
+    env = read_env()
+    with config_errors(env.rank):
+        dims = ParallelDims(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp, cfg.parallel.pp,
+                            env.world_size)
+        validate(cfg, env.world_size, dims.dp_size)
+        if dims.world_size > 1:
+            raise ConfigError("parallel", "multi-rank layouts are not available in this build yet.",
+                              "run one process (python -m recipes.pretrain).")
+        check_data(cfg)
+        run_dir = Path(cfg.run.dir).expanduser().resolve()
+        manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer)
+        resume_from = resolve_resume(cfg, run_dir, manager)
+        try:
+            data = load_data(cfg.data, cfg.training.seq_len)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError("data", f"could not read the corpus: {exc}.", "check data.path and data.tokenizer.")
+        if data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({data.vocab_size}).", f"set model.vocab_size={data.vocab_size} or more.")
+        if len(data.train) < 1 or (cfg.eval.interval and len(data.eval) < 1):
+            raise ConfigError("training.seq_len", f"the corpus is too small for windows of {cfg.training.seq_len} "
+                              "tokens in its train and eval splits.", "lower training.seq_len or add data.")
+
+    torch.set_num_threads(cfg.training.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
+    if cfg.training.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = env.device
+
+    model = build_model(cfg.model)
+    model.to_empty(device=device)
+    init_weights(model, cfg.model, cfg.training.seed)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
+    loader = train_loader(data, cfg.data, cfg.training, dp_rank=0, dp_size=dims.dp_size)
+
+    state = TrainState()
+    wandb_id = None
+    if resume_from is not None:
+        saved = CheckpointManager.load(resume_from, model, optimizer)
+        state = TrainState(step=saved["step"], tokens=saved["tokens"])
+        scheduler.load_state_dict(saved["scheduler"])
+        loader.load_state_dict(saved["data"])
+        wandb_id = saved.get("wandb_run_id")
+        if env.is_writer:
+            print(f"resumed from {resume_from} at step {state.step}", flush=True)
+        if state.step >= cfg.training.steps:
+            if env.is_writer:
+                print(f"run already complete at step {state.step} (training.steps={cfg.training.steps}); "
+                      f"raise training.steps to go on. Outputs: {run_dir}", flush=True)
+            return
+
+    sinks = []
+    if env.is_writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None or not (run_dir / "config.yaml").exists():
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
+        sinks.append(JsonlSink(run_dir / "metrics.jsonl", append=resume_from is not None))
+        sinks.append(ConsoleSink(cfg.training.steps, state.step, cfg.logging.progress_bar))
+        if cfg.logging.wandb.enabled:
+            wandb_id = wandb_id or _read_wandb_id(run_dir)
+            w = cfg.logging.wandb
+            sink = WandbSink(run_dir, w.project, w.name or cfg.run.name, w.entity, w.mode,
+                             OmegaConf.to_container(raw), wandb_id)
+            wandb_id = sink.run_id
+            (run_dir / WANDB_ID_FILE).write_text(wandb_id)
+            sinks.append(sink)
+    metrics = MetricsLogger(sinks)
+
+    dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
+    peak = cfg.training.peak_tflops or default_peak_tflops(device, dtype)
+    throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.training.seq_len), env.world_size, peak)
+    dp = DataParallelInfo(size=dims.dp_size)
+
+    def save(s: TrainState) -> None:
+        train_state = {"step": s.step, "tokens": s.tokens, "scheduler": scheduler.state_dict(),
+                       "data": loader.state_dict(), "wandb_run_id": wandb_id,
+                       "rng": torch.get_rng_state().tolist(), "config": OmegaConf.to_container(raw)}
+        manager.save(s.step, model, optimizer, train_state)
+
+    def on_step_end(s: TrainState) -> None:
+        if cfg.checkpoint.enabled and cfg.checkpoint.interval and s.step % cfg.checkpoint.interval == 0:
+            save(s)
+
+    trainer = Trainer(cfg, model, optimizer, scheduler, iter(loader),
+                      lambda: eval_batches(data, cfg.training, 0, dims.dp_size, cfg.eval.steps), dp, device,
+                      metrics, throughput, lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm),
+                      state, on_step_end)
+    try:
+        state = trainer.fit()
+        if cfg.checkpoint.enabled and manager.latest() != manager.folder / f"step-{state.step}":
+            save(state)
+    finally:
+        metrics.close()
+    if env.is_writer:
+        print(f"done: {state.step} steps, {state.tokens} tokens. Outputs in {run_dir}: config.yaml, metrics.jsonl"
+              + (", checkpoints/" if cfg.checkpoint.enabled else "")
+              + (", wandb/" if cfg.logging.wandb.enabled else ""), flush=True)
+
+
+def _read_wandb_id(run_dir: Path) -> str | None:
+    path = run_dir / WANDB_ID_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

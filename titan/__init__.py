@@ -1,0 +1,1 @@
+"""Training core: model, data, optimizer, trainer, checkpoint, metrics."""

@@ -1,0 +1,217 @@
+"""Structured config schema (Hydra/OmegaConf dataclasses) and up-front validation.
+
+Every field is a user-facing key (`model.dim`, `training.steps`, ...). Types are checked by
+OmegaConf when YAML and command-line overrides are merged onto these dataclasses; the semantic
+checks in :func:`validate` run before anything is built or written and raise :class:`ConfigError`,
+which the recipes turn into a one-paragraph message and exit code 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A bad config value: names the key and says how to fix it."""
+
+    def __init__(self, key: str, problem: str, fix: str):
+        self.key = key
+        super().__init__(f"config error at `{key}`: {problem} Fix: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder shape."""
+
+    name: str = "debug"
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    vocab_size: int = 512
+    ffn_hidden_dim: int = 192
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is tokenized."""
+
+    name: str = "pydoc"
+    source: str = "pydoc"  # pydoc | text | jsonl | tokens
+    path: Optional[str] = None  # file, folder or glob (text/jsonl); folder of shards (tokens)
+    text_field: str = "text"  # JSONL field holding a document
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
+    eot_token: Optional[str] = None  # end-of-text token of a HF tokenizer; guessed when unset
+    eval_fraction: float = 0.05  # tail of the token stream held out for eval
+    num_workers: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 200
+    seed: int = 1234
+    global_batch_size: int = 16  # sequences per optimizer step, whatever the layout
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seq_len: int = 256
+    dtype: str = "float32"  # float32 | bfloat16
+    deterministic: bool = False
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    peak_tflops: Optional[float] = None  # per device, for MFU; guessed from the device when unset
+    num_threads: Optional[int] = None  # torch intra-op threads per rank (CPU); unset = cores / local ranks
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    implementation: str = "auto"  # auto | foreach | fused | for_loop
+
+
+@dataclass
+class LRConfig:
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # floor of the decay as a fraction of optim.lr
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 50  # 0 disables eval
+    steps: int = 4  # global batches of held-out data per eval
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever ranks are left
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1
+    pp_microbatches: Optional[int] = None
+    sequence_parallel: bool = False
+    reshard_after_forward: Any = True  # true | false | int (secondary partition size)
+    hierarchical: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps; 0 = only at the end
+    keep: int = 2
+    resume: str = "auto"  # auto | none | <step dir>
+    async_save: bool = False
+    enabled: bool = True
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "titan"
+    name: Optional[str] = None
+    entity: Optional[str] = None
+    mode: str = "online"  # online | offline
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs/run"
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr: LRConfig = field(default_factory=LRConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def register_schemas() -> None:
+    """Register the schema so `configs/pretrain.yaml` is typed and closed to unknown keys."""
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+
+
+def _positive(key: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be positive, got {value}.", f"set {key}=<a positive number>.")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"unknown value {value!r}.", f"use one of {', '.join(choices)}.")
+
+
+def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
+    """Check values that types cannot; `dp_size` is the data-parallel degree of the layout."""
+    m, t = cfg.model, cfg.training
+    for key, value in [
+        ("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+        ("model.n_kv_heads", m.n_kv_heads), ("model.vocab_size", m.vocab_size),
+        ("model.ffn_hidden_dim", m.ffn_hidden_dim), ("model.max_seq_len", m.max_seq_len),
+        ("training.steps", t.steps), ("training.global_batch_size", t.global_batch_size),
+        ("training.micro_batch_size", t.micro_batch_size), ("training.seq_len", t.seq_len),
+        ("optim.lr", cfg.optim.lr), ("logging.log_interval", cfg.logging.log_interval),
+        ("checkpoint.keep", cfg.checkpoint.keep),
+    ]:
+        _positive(key, value)
+    if m.dim % m.n_heads:
+        raise ConfigError("model.n_heads", f"{m.n_heads} heads do not divide model.dim={m.dim}.",
+                          "choose n_heads so that dim % n_heads == 0.")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError("model.n_heads", f"head dim {m.dim // m.n_heads} is odd; RoPE needs it even.",
+                          "choose n_heads so that dim / n_heads is even.")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError("model.n_kv_heads", f"{m.n_kv_heads} kv heads do not divide n_heads={m.n_heads}.",
+                          "choose n_kv_heads dividing n_heads.")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError("training.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}.",
+                          "lower training.seq_len or raise model.max_seq_len.")
+    _one_of("training.dtype", t.dtype, ("float32", "bfloat16"))
+    _one_of("lr.schedule", cfg.lr.schedule, ("cosine", "wsd", "constant"))
+    _one_of("optim.name", cfg.optim.name, ("adamw",))
+    _one_of("optim.implementation", cfg.optim.implementation, ("auto", "foreach", "fused", "for_loop"))
+    _one_of("data.source", cfg.data.source, ("pydoc", "text", "jsonl", "tokens"))
+    _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
+    if cfg.lr.warmup_steps < 0:
+        raise ConfigError("lr.warmup_steps", "must be >= 0.", "set lr.warmup_steps=0 or more.")
+    if not 0.0 < cfg.data.eval_fraction < 1.0:
+        raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}.",
+                          "set data.eval_fraction=0.05 or similar.")
+    per_rank, rest = divmod(t.global_batch_size, dp_size)
+    if rest:
+        raise ConfigError("training.global_batch_size",
+                          f"{t.global_batch_size} sequences do not split over {dp_size} data-parallel ranks.",
+                          f"use a multiple of {dp_size}.")
+    if per_rank % t.micro_batch_size:
+        raise ConfigError("training.micro_batch_size",
+                          f"{t.micro_batch_size} does not divide the {per_rank} sequences each of the "
+                          f"{dp_size} data-parallel ranks gets per step (global_batch_size={t.global_batch_size}).",
+                          "choose micro_batch_size dividing global_batch_size / data-parallel size.")
+    if world_size < 1:
+        raise ConfigError("world_size", f"invalid world size {world_size}.", "launch with torchrun.")

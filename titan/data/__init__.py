@@ -1,0 +1,1 @@
+"""Tokenizers, corpora, packing, the global-cursor sampler and the loader."""

@@ -1,0 +1,158 @@
+"""Training metrics and where they go: the console (rich progress bar), metrics.jsonl and W&B.
+
+Only the writer rank builds sinks; every other rank gets an empty :class:`MetricsLogger`, so the
+trainer calls the same code everywhere and exactly one rank writes.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+# Dense peak TFLOP/s per device for bf16 (GPU tensor cores); fp32 uses the TF32 figure (half).
+GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+# fp32 TFLOP/s per core by vector ISA (~3 GHz x 2 FMA pipes x lanes x 2 flops, rounded down).
+CPU_PEAK_TFLOPS_PER_THREAD = {"avx512f": 0.1, "avx2": 0.05}
+CPU_PEAK_FALLBACK = 0.02
+
+
+def default_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """A sensible per-device peak for MFU when `training.peak_tflops` is unset."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        bf16 = next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in name), 100.0)
+        return bf16 if dtype == torch.bfloat16 else bf16 / 2
+    return cpu_peak_per_thread() * torch.get_num_threads()
+
+
+def cpu_peak_per_thread() -> float:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return next((v for k, v in CPU_PEAK_TFLOPS_PER_THREAD.items() if k in flags), CPU_PEAK_FALLBACK)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank: allocator peak on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class ThroughputMeter:
+    """Tokens/s, TFLOP/s and MFU over the interval since the last call."""
+
+    def __init__(self, flops_per_token: int, world_size: int, peak_tflops: float):
+        self.flops_per_token, self.world_size, self.peak_tflops = flops_per_token, world_size, peak_tflops
+        self.last_time = time.perf_counter()
+        self.last_tokens = 0
+
+    def reset(self, tokens: int) -> None:
+        self.last_time, self.last_tokens = time.perf_counter(), tokens
+
+    def measure(self, tokens: int) -> dict[str, float]:
+        now = time.perf_counter()
+        tokens_per_s = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.reset(tokens)
+        tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12  # per device
+        return {"tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / self.peak_tflops}
+
+
+class Sink(Protocol):
+    def log(self, metrics: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per logged step in `<run.dir>/metrics.jsonl`."""
+
+    def __init__(self, path: Path, append: bool):
+        self.file = path.open("a" if append else "w", encoding="utf-8")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ConsoleSink:
+    """A rich progress bar with the latest numbers, plus one printed line per logged step."""
+
+    FIELDS = (("loss", "loss", "{:.4f}"), ("eval_loss", "eval", "{:.4f}"), ("lr", "lr", "{:.2e}"),
+              ("grad_norm", "gnorm", "{:.3f}"), ("tokens_per_s", "tok/s", "{:,.0f}"), ("tflops", "tflops", "{:.3f}"),
+              ("mfu", "mfu", "{:.1%}"), ("mem_gb", "mem_gb", "{:.2f}"))
+
+    def __init__(self, total_steps: int, first_step: int, show_bar: bool):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console()
+        self.progress = Progress(BarColumn(bar_width=30), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), console=console,
+                                 disable=not (show_bar and console.is_terminal))
+        self.task = self.progress.add_task("", total=total_steps, completed=first_step)
+        self.progress.start()
+
+    @staticmethod
+    def format(metrics: dict[str, Any]) -> str:
+        parts = [f"step {metrics['step']}"]
+        parts += [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in ConsoleSink.FIELDS if key in metrics]
+        return " | ".join(parts)
+
+    def advance(self, step: int) -> None:
+        self.progress.update(self.task, completed=step)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        line = self.format(metrics)
+        self.progress.update(self.task, completed=metrics["step"], description=line.split(" | ", 2)[1])
+        self.progress.console.print(line, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class WandbSink:
+    """A W&B run under `<run.dir>/wandb`; its id is kept in the run dir so a resume continues it."""
+
+    def __init__(self, run_dir: Path, project: str, name: str | None, entity: str | None, mode: str,
+                 config: dict[str, Any], run_id: str | None):
+        import wandb
+
+        self.run = wandb.init(project=project, name=name, entity=entity, mode=mode, dir=str(run_dir),
+                              config=config, id=run_id, resume="allow" if run_id else None)
+        self.run_id = self.run.id
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Fans metrics out to the sinks (none on non-writer ranks)."""
+
+    def __init__(self, sinks: list[Sink] | None = None):
+        self.sinks = sinks or []
+
+    def advance(self, step: int) -> None:
+        for sink in self.sinks:
+            if isinstance(sink, ConsoleSink):
+                sink.advance(step)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log(metrics)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

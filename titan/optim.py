@@ -1,0 +1,52 @@
+"""AdamW and the learning-rate schedules (warmup + cosine, warmup-stable-decay, constant)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from titan.config import LRConfig, OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norm weights)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    kwargs = {}
+    if cfg.implementation == "fused":
+        kwargs["fused"] = True
+    elif cfg.implementation == "foreach":
+        kwargs["foreach"] = True
+    elif cfg.implementation == "for_loop":
+        kwargs["foreach"] = False
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: LRConfig) -> float:
+    """Factor on the peak LR for optimizer step `step` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # wsd: hold the peak, then decay linearly to the floor over the last decay_fraction of steps.
+    decay_steps = max(1, round(total_steps * cfg.decay_fraction))
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start + 1) / decay_steps)
+    return 1.0 - (1.0 - floor) * progress
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: LRConfig, total_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))

@@ -1,0 +1,124 @@
+"""The training loop: micro-batches, gradient accumulation, clipping, eval, metrics, checkpoints.
+
+The loss of a step is the mean token loss over the whole global batch: each micro-batch adds
+``sum of its token losses / tokens in the global batch``, and the data-parallel ranks sum their
+parts, so the number is the same whatever the layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from titan.config import PretrainConfig
+from titan.metrics import MetricsLogger, ThroughputMeter, peak_memory_gb
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint carries besides model, optimizer and data cursor."""
+
+    step: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class DataParallelInfo:
+    """What the loop needs to know about data parallelism: how to sum a scalar over it."""
+
+    size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(value, group=self.group)
+        return value
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterator[dict],
+                 eval_batches: Callable[[], Iterator[dict]], dp: DataParallelInfo, device: torch.device,
+                 metrics: MetricsLogger, throughput: ThroughputMeter,
+                 clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor],
+                 state: TrainState, on_step_end: Callable[[TrainState], None] = lambda state: None):
+        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+        self.batches, self.eval_batches, self.dp, self.device = batches, eval_batches, dp, device
+        self.metrics, self.throughput, self.clip_grad_norm = metrics, throughput, clip_grad_norm
+        self.state, self.on_step_end = state, on_step_end
+        t = cfg.training
+        self.accum_steps = t.global_batch_size // dp.size // t.micro_batch_size
+        self.tokens_per_step = t.global_batch_size * t.seq_len
+        self.autocast_dtype = torch.bfloat16 if t.dtype == "bfloat16" else None
+
+    def loss_sum(self, batch: dict) -> torch.Tensor:
+        """Sum of token cross-entropies of one micro-batch."""
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns (loss, grad_norm before clipping)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=self.device)
+        for _ in range(self.accum_steps):
+            part = self.loss_sum(next(self.batches)) / self.tokens_per_step
+            part.backward()
+            loss += part.detach()
+        loss = self.dp.sum(loss)
+        max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else math.inf
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = self.clip_grad_norm(params, max_norm)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"loss is {loss_value} at step {self.state.step + 1}; stopping before the "
+                                     "optimizer applies it. Lower optim.lr or check the data.")
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss_value, float(grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the held-out batches."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        for batch in self.eval_batches():
+            total += self.loss_sum(batch)
+            count += batch["tokens"][:, 1:].numel()
+        return (self.dp.sum(total) / self.dp.sum(count)).item()
+
+    def fit(self) -> TrainState:
+        cfg, state = self.cfg, self.state
+        self.throughput.reset(state.tokens)
+        while state.step < cfg.training.steps:
+            lr = self.scheduler.get_last_lr()[0]
+            loss, grad_norm = self.train_step()
+            state.step += 1
+            state.tokens += self.tokens_per_step
+            self.metrics.advance(state.step)
+            last = state.step == cfg.training.steps
+            do_eval = cfg.eval.interval > 0 and (state.step % cfg.eval.interval == 0 or last)
+            if do_eval or last or state.step % cfg.logging.log_interval == 0:
+                record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
+                          **self.throughput.measure(state.tokens), "mem_gb": peak_memory_gb(self.device)}
+                if do_eval:
+                    record["eval_loss"] = self.evaluate()
+                    self.throughput.reset(state.tokens)  # eval time is not training throughput
+                self.metrics.log(record)
+            self.on_step_end(state)
+        return state
