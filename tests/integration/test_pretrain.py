@@ -1,0 +1,60 @@
+"""A real `python -m recipes.pretrain` run: loss falls, contract files and fields, resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import yaml
+
+from tests.helpers import FAST, read_metrics, run_recipe
+
+CONTRACT_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tflops", "mfu", "mem_gb"}
+
+
+def test_debug_run_learns_and_writes_contract_files(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_recipe("recipes.pretrain", [*FAST, "training.steps=30", "logging.log_interval=5",
+                                           "eval.interval=15", f"run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    for row in rows:
+        assert CONTRACT_FIELDS <= row.keys()
+        assert row["tokens"] == row["step"] * 8 * 64
+        assert row["tokens_per_s"] > 0 and row["tflops"] > 0 and 0 < row["mfu"] < 1 and row["mem_gb"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, [r["loss"] for r in rows]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [15, 30]
+    assert rows[-1]["eval_loss"] < rows[2]["eval_loss"]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["name"] == "debug" and config["run"]["dir"] == str(run_dir)
+    assert "${" not in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "checkpoints" / "step-30" / "COMMITTED").is_file()
+    assert str(run_dir) in proc.stdout
+
+
+def test_resume_on_same_layout_matches_uninterrupted_run(tmp_path):
+    common = [*FAST, "training.steps=10", "logging.log_interval=1", "eval.interval=0", "lr.warmup_steps=3"]
+    full = tmp_path / "full"
+    proc = run_recipe("recipes.pretrain", [*common, "checkpoint.interval=5", "checkpoint.keep=3", f"run.dir={full}"])
+    assert proc.returncode == 0, proc.stderr
+    # Resume from the step-5 checkpoint in a fresh run dir, as after a crash at step 7.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step-5", resumed / "checkpoints" / "step-5")
+    proc = run_recipe("recipes.pretrain", [*common, f"run.dir={resumed}"])
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout
+    expected = {r["step"]: r for r in read_metrics(full)}
+    got = read_metrics(resumed)
+    assert [r["step"] for r in got] == list(range(6, 11))
+    for row in got:
+        assert row["loss"] == expected[row["step"]]["loss"]
+        assert row["grad_norm"] == expected[row["step"]]["grad_norm"]
+        assert row["lr"] == expected[row["step"]]["lr"]
+
+
+def test_rerun_of_finished_run_does_nothing(tmp_path):
+    args = [*FAST, "training.steps=2", "eval.interval=0", f"run.dir={tmp_path}"]
+    assert run_recipe("recipes.pretrain", args).returncode == 0
+    proc = run_recipe("recipes.pretrain", args)
+    assert proc.returncode == 0 and "already complete" in proc.stdout
+    assert len(read_metrics(tmp_path)) == 1
