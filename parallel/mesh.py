@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallel.errors import LayoutError
 
@@ -82,3 +83,34 @@ def init_process_group(env: DistEnv, timeout_s: float = 300.0) -> None:
         torch.cuda.set_device(env.device)
     backend = "nccl" if env.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=env.device if backend == "nccl" else None)
+
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+def hierarchical_dims(env: DistEnv, tp: int, pp: int) -> tuple[int, int]:
+    """(dp_replicate, dp_shard) from the node topology: replicate across nodes, shard inside one."""
+    if tp > env.local_world_size or env.local_world_size % tp:
+        raise LayoutError("parallel.tp", f"tp={tp} does not fit in a node of {env.local_world_size} ranks; "
+                          "with parallel.hierarchical=true tensor parallelism must stay inside a node.",
+                          f"choose parallel.tp dividing {env.local_world_size}.")
+    dp_shard = env.local_world_size // tp
+    rest = env.world_size // (dp_shard * tp)
+    if rest % pp:
+        raise LayoutError("parallel.pp", f"pp={pp} does not divide the {rest} node groups.",
+                          "choose parallel.pp dividing the number of nodes.")
+    return rest // pp, dp_shard
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    """One mesh `(pp, dp_replicate, dp_shard, tp)`, tp innermost (consecutive ranks, same node),
+    plus a flattened `dp` dimension for sums over all data-parallel ranks."""
+    mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
+                            mesh_dim_names=MESH_DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
+
+
+def dp_mesh_for_fsdp(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """1-D `dp_shard` mesh for FSDP, 2-D `(dp_replicate, dp_shard)` for HSDP/DDP."""
+    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]

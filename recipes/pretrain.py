@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from parallel.mesh import ParallelDims, read_env
+from parallel.mesh import init_process_group, read_env
 from recipes.cli import config_errors, fail, parse_args
 from titan.checkpoint import CheckpointManager
 from titan.config import ConfigError, PretrainConfig, register_schemas, validate
 from titan.data.loader import eval_batches, load_data, train_loader
 from titan.metrics import ConsoleSink, JsonlSink, MetricsLogger, ThroughputMeter, WandbSink, default_peak_tflops
-from titan.models import build_model, flops_per_token, init_weights
+from titan.build import build_layout, build_parallel_model, resolve_dims
+from titan.models import flops_per_token
 from titan.optim import build_optimizer, build_scheduler
-from titan.trainer import DataParallelInfo, Trainer, TrainState
+from titan.trainer import Trainer, TrainState
 
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -65,12 +66,11 @@ def main(argv: list[str]) -> None:
     cfg: PretrainConfig = OmegaConf.to_object(raw)
     env = read_env()
     with config_errors(env.rank):
-        dims = ParallelDims(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp, cfg.parallel.pp,
-                            env.world_size)
+        dims = resolve_dims(cfg, env)
         validate(cfg, env.world_size, dims.dp_size)
-        if dims.world_size > 1:
-            raise ConfigError("parallel", "multi-rank layouts are not available in this build yet.",
-                              "run one process (python -m recipes.pretrain).")
+        if dims.pp > 1:
+            raise ConfigError("parallel.pp", "pipeline parallelism is not available in this build yet.",
+                              "set parallel.pp=1.")
         check_data(cfg)
         run_dir = Path(cfg.run.dir).expanduser().resolve()
         manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer)
@@ -90,13 +90,13 @@ def main(argv: list[str]) -> None:
     if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True)
     device = env.device
-
-    model = build_model(cfg.model)
-    model.to_empty(device=device)
-    init_weights(model, cfg.model, cfg.training.seed)
+    init_process_group(env, cfg.parallel.timeout_s)
+    with config_errors(env.rank):
+        layout = build_layout(dims, env)
+        model, par = build_parallel_model(cfg, layout, device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
-    loader = train_loader(data, cfg.data, cfg.training, dp_rank=0, dp_size=dims.dp_size)
+    loader = train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size)
 
     state = TrainState()
     wandb_id = None
@@ -134,7 +134,6 @@ def main(argv: list[str]) -> None:
     dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
     peak = cfg.training.peak_tflops or default_peak_tflops(device, dtype)
     throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.training.seq_len), env.world_size, peak)
-    dp = DataParallelInfo(size=dims.dp_size)
 
     def save(s: TrainState) -> None:
         train_state = {"step": s.step, "tokens": s.tokens, "scheduler": scheduler.state_dict(),
@@ -147,15 +146,16 @@ def main(argv: list[str]) -> None:
             save(s)
 
     trainer = Trainer(cfg, model, optimizer, scheduler, iter(loader),
-                      lambda: eval_batches(data, cfg.training, 0, dims.dp_size, cfg.eval.steps), dp, device,
-                      metrics, throughput, lambda params, max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm),
-                      state, on_step_end)
+                      lambda: eval_batches(data, cfg.training, layout.dp_rank, dims.dp_size, cfg.eval.steps), par,
+                      device, metrics, throughput, state, on_step_end)
     try:
         state = trainer.fit()
         if cfg.checkpoint.enabled and manager.latest() != manager.folder / f"step-{state.step}":
             save(state)
     finally:
         metrics.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if env.is_writer:
         print(f"done: {state.step} steps, {state.tokens} tokens. Outputs in {run_dir}: config.yaml, metrics.jsonl"
               + (", checkpoints/" if cfg.checkpoint.enabled else "")

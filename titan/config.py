@@ -66,6 +66,9 @@ class TrainingConfig:
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
     peak_tflops: Optional[float] = None  # per device, for MFU; guessed from the device when unset
     num_threads: Optional[int] = None  # torch intra-op threads per rank (CPU); unset = cores / local ranks
+    activation_checkpoint: str = "none"  # none | full | selective (every activation_checkpoint_every-th block)
+    activation_checkpoint_every: int = 2
+    compile: bool = False  # torch.compile each block
 
 
 @dataclass
@@ -104,7 +107,10 @@ class ParallelConfig:
     pp_microbatches: Optional[int] = None
     sequence_parallel: bool = False
     reshard_after_forward: Any = True  # true | false | int (secondary partition size)
-    hierarchical: bool = False
+    hierarchical: bool = False  # dp_replicate = nodes, dp_shard = ranks per node / tp
+    loss_parallel: bool = True  # with tp > 1: cross-entropy on vocabulary-sharded logits
+    cpu_offload: bool = False  # keep sharded parameters and optimizer state in CPU memory
+    timeout_s: float = 300.0  # collective timeout: a dead or hung peer ends the job after this
 
 
 @dataclass

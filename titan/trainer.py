@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -29,15 +30,20 @@ class TrainState:
 
 
 @dataclass
-class DataParallelInfo:
-    """What the loop needs to know about data parallelism: how to sum a scalar over it."""
+class ParallelContext:
+    """What the loop needs from the parallel layout, so it reads the same on every layout."""
 
-    size: int = 1
-    group: dist.ProcessGroup | None = None
+    dp_size: int = 1
+    dp_group: dist.ProcessGroup | None = None
+    # Scales gradients so their global L2 norm is at most max_norm; returns the norm before.
+    clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] = torch.nn.utils.clip_grad_norm_
+    loss_context: Callable[[], AbstractContextManager] = nullcontext  # e.g. loss parallelism
+    to_local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # a (DTensor) scalar as a plain tensor
+    autocast: bool = True  # False where FSDP's mixed-precision policy casts instead
 
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(value, group=self.group)
+    def dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dp_size > 1:
+            dist.all_reduce(value, group=self.dp_group)
         return value
 
 
@@ -48,18 +54,17 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: PretrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterator[dict],
-                 eval_batches: Callable[[], Iterator[dict]], dp: DataParallelInfo, device: torch.device,
-                 metrics: MetricsLogger, throughput: ThroughputMeter,
-                 clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor],
-                 state: TrainState, on_step_end: Callable[[TrainState], None] = lambda state: None):
+                 eval_batches: Callable[[], Iterator[dict]], par: ParallelContext, device: torch.device,
+                 metrics: MetricsLogger, throughput: ThroughputMeter, state: TrainState,
+                 on_step_end: Callable[[TrainState], None] = lambda state: None):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
-        self.batches, self.eval_batches, self.dp, self.device = batches, eval_batches, dp, device
-        self.metrics, self.throughput, self.clip_grad_norm = metrics, throughput, clip_grad_norm
+        self.batches, self.eval_batches, self.par, self.device = batches, eval_batches, par, device
+        self.metrics, self.throughput = metrics, throughput
         self.state, self.on_step_end = state, on_step_end
         t = cfg.training
-        self.accum_steps = t.global_batch_size // dp.size // t.micro_batch_size
+        self.accum_steps = t.global_batch_size // par.dp_size // t.micro_batch_size
         self.tokens_per_step = t.global_batch_size * t.seq_len
-        self.autocast_dtype = torch.bfloat16 if t.dtype == "bfloat16" else None
+        self.autocast_dtype = torch.bfloat16 if par.autocast and t.dtype == "bfloat16" else None
 
     def loss_sum(self, batch: dict) -> torch.Tensor:
         """Sum of token cross-entropies of one micro-batch."""
@@ -76,13 +81,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
         for _ in range(self.accum_steps):
-            part = self.loss_sum(next(self.batches)) / self.tokens_per_step
-            part.backward()
-            loss += part.detach()
-        loss = self.dp.sum(loss)
+            with self.par.loss_context():
+                part = self.loss_sum(next(self.batches)) / self.tokens_per_step
+                # Data-parallel gradient reduction averages over ranks; scaling by their count
+                # turns it into the sum that the global-batch mean needs.
+                (part * self.par.dp_size).backward()
+            loss += self.par.to_local(part.detach())
+        loss = self.par.dp_sum(loss)
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else math.inf
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = self.clip_grad_norm(params, max_norm)
+        grad_norm = self.par.clip_grad_norm(params, max_norm)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"loss is {loss_value} at step {self.state.step + 1}; stopping before the "
@@ -98,9 +106,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
         for batch in self.eval_batches():
-            total += self.loss_sum(batch)
+            with self.par.loss_context():
+                total += self.par.to_local(self.loss_sum(batch))
             count += batch["tokens"][:, 1:].numel()
-        return (self.dp.sum(total) / self.dp.sum(count)).item()
+        return (self.par.dp_sum(total) / self.par.dp_sum(count)).item()
 
     def fit(self) -> TrainState:
         cfg, state = self.cfg, self.state

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.plan import BlockPlan, ModelPlan
 from titan.config import ModelConfig
 
 
@@ -114,9 +115,22 @@ class Llama(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
+    def plan(self) -> ModelPlan:
+        """Where this model may be split, for parallel/ (which knows nothing of Llama)."""
+        return ModelPlan(
+            embedding="tok_embeddings", blocks="layers", final_norm="norm", output="output",
+            block=BlockPlan(colwise=("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"),
+                            rowwise=("attention.wo", "feed_forward.w2"), norms=("attention_norm", "ffn_norm"),
+                            tp_inputs={"attention": 3, "feed_forward": 1}),
+            tp_divisible={"model.n_heads": self.cfg.n_heads, "model.n_kv_heads": self.cfg.n_kv_heads,
+                          "model.vocab_size": self.cfg.vocab_size, "model.ffn_hidden_dim": self.cfg.ffn_hidden_dim},
+        )
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # The sequence length comes from the input: under sequence parallelism the embedding's
+        # output holds only this rank's slice of the sequence.
+        seq = tokens.shape[1]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        seq = h.shape[1]
         cos, sin = self.rope_cos[:seq].to(h.dtype), self.rope_sin[:seq].to(h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin)

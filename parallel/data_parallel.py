@@ -1,0 +1,49 @@
+"""Sharded data parallelism on FSDP2: ZeRO-3, ZeRO-2-like, hpZ secondary partition, HSDP, DDP.
+
+One function covers the family, chosen by the mesh and `reshard_after_forward`:
+
+- ``dp_shard > 1`` on a 1-D mesh: FSDP (ZeRO-3 with ``True``: parameters re-sharded after forward
+  and gathered again in backward; ZeRO-2-like with ``False``: gathered parameters kept until backward).
+- ``reshard_after_forward=<int>``: hpZ-style secondary partition: after forward, parameters stay
+  sharded over groups of that many ranks (e.g. one node), so backward all-gathers stay in the group.
+- a 2-D ``(dp_replicate, dp_shard)`` mesh: HSDP, sharded inside a group, replicated across groups
+  (gradients reduce-scattered inside, all-reduced across). With ``dp_shard == 1`` this is plain DDP
+  (replicated parameters, all-reduced gradients).
+
+Each block is one FSDP unit (one all-gather / reduce-scatter per block), plus the root for the
+embedding, final norm and output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from parallel.errors import LayoutError
+
+
+def check_reshard_after_forward(value: bool | int, dp_shard: int) -> bool | int:
+    """`parallel.reshard_after_forward`: true / false / an int dividing dp_shard."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value >= 1 and dp_shard % value == 0:
+        return True if value == dp_shard else (False if value == 1 else value)
+    raise LayoutError("parallel.reshard_after_forward",
+                      f"{value!r} is not true, false or a positive integer dividing dp_shard={dp_shard}.",
+                      "use true (ZeRO-3), false (ZeRO-2-like) or e.g. the ranks per node (secondary partition).")
+
+
+def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, dp_mesh: DeviceMesh, reshard_after_forward: bool | int,
+               param_dtype: torch.dtype | None, cpu_offload: bool) -> None:
+    """Shard each block and then the root over `dp_mesh` (1-D: FSDP; 2-D: HSDP/DDP)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload: OffloadPolicy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    ids = list(blocks.keys())
+    for position, key in enumerate(ids):
+        # The last block is resharded by the root right away, so keep it gathered for backward.
+        last = position == len(ids) - 1
+        fully_shard(blocks[key], mesh=dp_mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=False if last else reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)

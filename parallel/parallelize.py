@@ -1,0 +1,53 @@
+"""Apply parallelism to a plain model from outside, in one order:
+tensor parallel -> activation checkpointing -> compile -> FSDP/HSDP/DDP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh
+
+from parallel.data_parallel import apply_fsdp, check_reshard_after_forward
+from parallel.errors import LayoutError
+from parallel.mesh import ParallelDims, dp_mesh_for_fsdp
+from parallel.plan import ModelPlan
+from parallel.tensor_parallel import apply_tensor_parallel, check_tp_degree
+
+AC_MODES = ("none", "full", "selective")
+
+
+def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, every: int) -> None:
+    """Recompute block activations in backward: every block (`full`) or every `every`-th (`selective`).
+    The composable `checkpoint` keeps parameter names unchanged."""
+    if mode not in AC_MODES:
+        raise LayoutError("training.activation_checkpoint", f"unknown mode {mode!r}.", f"use one of {AC_MODES}.")
+    if mode == "selective" and every < 1:
+        raise LayoutError("training.activation_checkpoint_every", f"must be >= 1, got {every}.", "set it to 1 or more.")
+    if mode == "none":
+        return
+    for position, block in enumerate(blocks.values()):
+        if mode == "full" or position % every == 0:
+            checkpoint(block)
+
+
+def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: DeviceMesh | None,
+                sequence_parallel: bool, loss_parallel: bool, reshard_after_forward: bool | int,
+                activation_checkpoint: str = "none", activation_checkpoint_every: int = 1,
+                compile: bool = False, param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> None:
+    """Parallelize `model` (still on the meta device) in place according to `dims`."""
+    blocks: nn.ModuleDict = model.get_submodule(plan.blocks)
+    if dims.tp > 1:
+        check_tp_degree(plan, dims.tp)
+        apply_tensor_parallel(model, plan, mesh["tp"], sequence_parallel, loss_parallel)
+    apply_activation_checkpointing(blocks, activation_checkpoint, activation_checkpoint_every)
+    if compile:
+        for block in blocks.values():
+            block.compile()
+    if cpu_offload and dims.dp_size == 1:
+        raise LayoutError("parallel.cpu_offload", "offload is part of sharded data parallelism and needs dp > 1.",
+                          "launch several data-parallel ranks with torchrun, or set parallel.cpu_offload=false.")
+    if dims.dp_size > 1:
+        raf = check_reshard_after_forward(reshard_after_forward, dims.dp_shard)
+        dp_mesh = dp_mesh_for_fsdp(mesh, dims) if mesh is not None else None
+        apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload)

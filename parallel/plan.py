@@ -1,0 +1,33 @@
+"""How a model describes itself to `parallel/`, so that `parallel/` never imports a model.
+
+A model returns a :class:`ModelPlan` naming, by module path, its embedding, its stack of blocks
+(the unit of FSDP sharding, activation checkpointing, compilation and pipeline cuts), its final
+norm and output projection, and inside each block which linears split column-wise or row-wise for
+tensor parallelism and which modules are norms on the residual stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Module paths relative to one block."""
+
+    colwise: tuple[str, ...]  # linears whose output features split over tp ranks
+    rowwise: tuple[str, ...]  # linears whose input features split over tp ranks (their output is reduced)
+    norms: tuple[str, ...]  # norms on the residual stream (sequence-parallel regions)
+    # sub-modules entered from the residual stream -> their number of positional inputs; under
+    # sequence parallelism their first input is gathered from a sequence shard
+    tp_inputs: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    embedding: str
+    blocks: str  # a ModuleDict of blocks keyed by global index
+    final_norm: str
+    output: str
+    block: BlockPlan
+    tp_divisible: dict[str, int] = field(default_factory=dict)  # config key -> size that must split over tp
