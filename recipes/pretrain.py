@@ -47,6 +47,9 @@ def resolve_resume(cfg: PretrainConfig, run_dir: Path, manager: CheckpointManage
 def check_data(cfg: PretrainConfig) -> None:
     """Fail before any work when the corpus cannot be read."""
     d = cfg.data
+    if d.source != "pydoc" and not d.path:
+        raise ConfigError("data.path", f"data={d.name} needs a corpus path; none given.",
+                          "set data.path=<file|folder|glob>.")
     if d.source != "pydoc" and not (d.path and (Path(d.path).exists() or any(c in d.path for c in "*?["))):
         raise ConfigError("data.path", f"{d.path!r} does not exist.", "point data.path at your files.")
     if d.source == "tokens" and not (Path(d.path) / "meta.json").is_file():

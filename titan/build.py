@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from parallel.comm_stats import CommCounter, mesh_group_names
 from parallel.grad_norm import clip_grad_norm_
 from parallel.mesh import DistEnv, ParallelDims, build_mesh, hierarchical_dims
 from parallel.parallelize import parallelize
@@ -67,5 +68,6 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
         loss_context=loss_parallel if use_loss_parallel else nullcontext,
         to_local=_to_local,
         autocast=dims.dp_size == 1,
+        comm_counter=partial(CommCounter, mesh_group_names(mesh)) if mesh is not None else None,
     )
     return model, par

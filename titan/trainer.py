@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.comm_stats import CommCounter
 from titan.config import PretrainConfig
 from titan.metrics import MetricsLogger, ThroughputMeter, peak_memory_gb
 
@@ -40,6 +41,7 @@ class ParallelContext:
     loss_context: Callable[[], AbstractContextManager] = nullcontext  # e.g. loss parallelism
     to_local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # a (DTensor) scalar as a plain tensor
     autocast: bool = True  # False where FSDP's mixed-precision policy casts instead
+    comm_counter: Callable[[], CommCounter] | None = None  # counts collective bytes on logged steps
 
     def dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.dp_size > 1:
@@ -116,15 +118,21 @@ class Trainer:
         self.throughput.reset(state.tokens)
         while state.step < cfg.training.steps:
             lr = self.scheduler.get_last_lr()[0]
-            loss, grad_norm = self.train_step()
-            state.step += 1
+            step = state.step + 1
+            last = step == cfg.training.steps
+            do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last)
+            do_log = do_eval or last or step % cfg.logging.log_interval == 0
+            counter = self.par.comm_counter() if do_log and self.par.comm_counter else None
+            with counter or nullcontext():
+                loss, grad_norm = self.train_step()
+            state.step = step
             state.tokens += self.tokens_per_step
             self.metrics.advance(state.step)
-            last = state.step == cfg.training.steps
-            do_eval = cfg.eval.interval > 0 and (state.step % cfg.eval.interval == 0 or last)
-            if do_eval or last or state.step % cfg.logging.log_interval == 0:
+            if do_log:
                 record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                           **self.throughput.measure(state.tokens), "mem_gb": peak_memory_gb(self.device)}
+                if counter is not None:
+                    record.update(counter.by_dim_gb())
                 if do_eval:
                     record["eval_loss"] = self.evaluate()
                     self.throughput.reset(state.tokens)  # eval time is not training throughput

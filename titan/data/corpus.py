@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from titan.data.tokenizer import Tokenizer
 
 SHARD_META = "meta.json"
+SHARD_FILE = "tokens-{:05d}.bin"
 
 
 def expand_paths(path: str, suffixes: tuple[str, ...]) -> list[Path]:
@@ -98,6 +100,47 @@ def load_token_shards(folder: str) -> tuple[TokenStream, dict]:
     meta = json.loads((Path(folder) / SHARD_META).read_text())
     arrays = [np.memmap(Path(folder) / s["file"], dtype=meta["dtype"], mode="r") for s in meta["shards"]]
     return TokenStream(arrays), meta
+
+
+def write_token_shards(arrays: Iterable[np.ndarray], folder: Path, shard_tokens: int, tokenizer: Tokenizer,
+                       tokenizer_spec: str, on_shard: Callable[[dict], None] = lambda shard: None) -> dict:
+    """Write a token stream as `shard_tokens`-token raw arrays (the last may be shorter) plus the
+    metadata :func:`load_token_shards` reads; files are flushed to disk. Returns the metadata."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    shards: list[dict] = []
+    out: BinaryIO | None = None
+    try:
+        for tokens in arrays:
+            tokens = np.asarray(tokens, dtype=dtype)
+            while len(tokens):
+                if out is None:
+                    shards.append({"file": SHARD_FILE.format(len(shards)), "tokens": 0})
+                    out = (folder / shards[-1]["file"]).open("wb")
+                part = tokens[:shard_tokens - shards[-1]["tokens"]]
+                part.tofile(out)
+                shards[-1]["tokens"] += len(part)
+                tokens = tokens[len(part):]
+                if shards[-1]["tokens"] == shard_tokens:
+                    out = _finish_shard(out, shards[-1], on_shard)
+        if out is not None:
+            out = _finish_shard(out, shards[-1], on_shard)
+    finally:
+        if out is not None:  # an error mid-shard: the caller discards the folder
+            out.close()
+    meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+            "tokenizer": tokenizer_spec, "num_tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    with (folder / SHARD_META).open("w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return meta
+
+
+def _finish_shard(f: BinaryIO, shard: dict, on_shard: Callable[[dict], None]) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    on_shard(shard)
 
 
 def build_stream(source: str, path: str | None, tokenizer: Tokenizer, text_field: str = "text") -> TokenStream:

@@ -41,7 +41,10 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tokenizer
 
         self.name = str(path)
-        self._tok = _Tokenizer.from_file(str(path))
+        try:
+            self._tok = _Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception
+            raise ValueError(f"cannot read tokenizer {path}: {exc}") from exc
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         candidates = (eot_token,) if eot_token else KNOWN_EOT_TOKENS
         ids = [self._tok.token_to_id(t) for t in candidates]
