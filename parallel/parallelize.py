@@ -12,6 +12,7 @@ from parallel.data_parallel import apply_fsdp, check_reshard_after_forward
 from parallel.errors import LayoutError
 from parallel.mesh import ParallelDims, dp_mesh_for_fsdp
 from parallel.plan import ModelPlan
+from parallel.tensors import tie_parameters
 from parallel.tensor_parallel import apply_tensor_parallel, check_tp_degree
 
 AC_MODES = ("none", "full", "selective")
@@ -40,6 +41,7 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
     if dims.tp > 1:
         check_tp_degree(plan, dims.tp)
         apply_tensor_parallel(model, plan, mesh["tp"], sequence_parallel, loss_parallel)
+        tie_parameters(model, plan.tied)  # TP replaced each module's parameter separately
     apply_activation_checkpointing(blocks, activation_checkpoint, activation_checkpoint_every)
     if compile:
         for block in blocks.values():

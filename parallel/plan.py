@@ -30,4 +30,5 @@ class ModelPlan:
     final_norm: str
     output: str
     block: BlockPlan
+    tied: tuple[tuple[str, str], ...] = ()  # (follower, source) parameter paths that share one tensor
     tp_divisible: dict[str, int] = field(default_factory=dict)  # config key -> size that must split over tp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
@@ -22,3 +23,11 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 def local_device(param: torch.Tensor) -> torch.device:
     """Device of the data this rank actually holds."""
     return param.to_local().device if isinstance(param, DTensor) else param.device
+
+
+def tie_parameters(model: nn.Module, tied: tuple[tuple[str, str], ...]) -> None:
+    """Make each follower parameter the very tensor of its source again (sharding, materializing
+    from meta or tensor parallelism may have replaced one of them)."""
+    for follower, source in tied:
+        owner_path, _, name = follower.rpartition(".")
+        setattr(model.get_submodule(owner_path), name, model.get_parameter(source))

@@ -7,6 +7,7 @@ and turns every config problem into one paragraph on stderr with exit code 2.
 
 from __future__ import annotations
 
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,10 +38,19 @@ def fail(message: str, rank: int = 0) -> NoReturn:
     raise SystemExit(CONFIG_ERROR_EXIT)
 
 
-def _clean(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("    full_key")]
-    return " ".join(lines)
+def _problem(exc: BaseException) -> str:
+    """The first line of an OmegaConf/Hydra message, without its key/type trailer."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(("full_key", "object_type", "reference_type"))), "")
+
+
+def _key_of(exc: BaseException) -> str | None:
+    for candidate in (exc, exc.__cause__):
+        key = getattr(candidate, "full_key", None)
+        if key:
+            return key
+    match = re.search(r"override '([^']+)'|Could not find '([^/']+)/", str(exc))
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
@@ -54,9 +64,13 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
             fail(f"config error at `{missing[0]}`: no value given. Fix: set {missing[0]}=<value> on the command line.")
         return cfg
     except (HydraException, OmegaConfBaseException) as exc:
-        cause = exc.__cause__ or exc
-        fail(f"bad config or override: {_clean(cause)} Fix: check the key's spelling and type against "
-             f"`python -m recipes.{name} --cfg`, or add a new key with `+key=value`.")
+        key = _key_of(exc) or "<override>"
+        problem = _problem(exc.__cause__ or exc).rstrip(".")
+        options = re.search(r"Available options in '[^']+':\s*((?:\s*\S+)+)", str(exc))
+        fix = (f"pick one of: {' '.join(options.group(1).split())}." if options else
+               f"check the key's spelling and type against `python -m recipes.{name} --cfg`, "
+               "or add a new key with `+key=value`.")
+        fail(f"config error at `{key}`: {problem}. Fix: {fix}")
 
 
 def parse_args(name: str, argv: list[str]) -> tuple[DictConfig, bool]:

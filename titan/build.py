@@ -52,9 +52,10 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
     """The model parallelized and initialized from the seed, and what the trainer needs to drive it."""
     dims, mesh = layout.dims, layout.mesh
     model = build_model(cfg.model)
+    plan = model.plan()
     use_loss_parallel = dims.tp > 1 and cfg.parallel.loss_parallel
     param_dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else None
-    parallelize(model, model.plan(), dims=dims, mesh=mesh, sequence_parallel=cfg.parallel.sequence_parallel,
+    parallelize(model, plan, dims=dims, mesh=mesh, sequence_parallel=cfg.parallel.sequence_parallel,
                 loss_parallel=use_loss_parallel, reshard_after_forward=cfg.parallel.reshard_after_forward,
                 activation_checkpoint=cfg.training.activation_checkpoint,
                 activation_checkpoint_every=cfg.training.activation_checkpoint_every,

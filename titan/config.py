@@ -204,6 +204,16 @@ def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
     _one_of("optim.implementation", cfg.optim.implementation, ("auto", "foreach", "fused", "for_loop"))
     _one_of("data.source", cfg.data.source, ("pydoc", "text", "jsonl", "tokens"))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
+    for key, value in [("lr.min_lr_ratio", cfg.lr.min_lr_ratio), ("lr.decay_fraction", cfg.lr.decay_fraction)]:
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(key, f"must be within [0, 1], got {value}.", f"set {key} to a fraction.")
+    for key, value in [("checkpoint.interval", cfg.checkpoint.interval), ("eval.interval", cfg.eval.interval),
+                       ("data.num_workers", cfg.data.num_workers)]:
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0, got {value}.", f"set {key}=0 or more (0 = off / in-process).")
+    if cfg.eval.interval and cfg.eval.steps < 1:
+        raise ConfigError("eval.steps", f"must be >= 1 when eval runs, got {cfg.eval.steps}.",
+                          "set eval.steps=1 or more, or eval.interval=0 to turn eval off.")
     if cfg.lr.warmup_steps < 0:
         raise ConfigError("lr.warmup_steps", "must be >= 0.", "set lr.warmup_steps=0 or more.")
     if not 0.0 < cfg.data.eval_fraction < 1.0:

@@ -36,7 +36,7 @@ def lr_multiplier(step: int, total_steps: int, cfg: LRConfig) -> float:
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "cosine":
-        span = max(1, total_steps - cfg.warmup_steps)
+        span = max(1, total_steps - cfg.warmup_steps - 1)  # the last trained step reaches the floor
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     # wsd: hold the peak, then decay linearly to the floor over the last decay_fraction of steps.

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from parallel.tensors import copy_full_into, local_device
+from parallel.tensors import copy_full_into, local_device, tie_parameters
 from titan.config import ModelConfig
 from titan.models.llama import Llama
 
@@ -43,8 +43,9 @@ def init_std(cfg: ModelConfig, name: str) -> float | None:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+def init_weights(model: Llama, cfg: ModelConfig, seed: int) -> None:
     """Fill every parameter from (seed, name) and recompute non-persistent buffers."""
+    tie_parameters(model, model.plan().tied)  # to_empty unties shared tensors unless FSDP holds them
     for name, param in model.named_parameters():
         std = init_std(cfg, name)
         device = local_device(param)

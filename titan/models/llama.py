@@ -119,6 +119,7 @@ class Llama(nn.Module):
         """Where this model may be split, for parallel/ (which knows nothing of Llama)."""
         return ModelPlan(
             embedding="tok_embeddings", blocks="layers", final_norm="norm", output="output",
+            tied=(("output.weight", "tok_embeddings.weight"),) if self.cfg.tie_embeddings else (),
             block=BlockPlan(colwise=("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"),
                             rowwise=("attention.wo", "feed_forward.w2"), norms=("attention_norm", "ffn_norm"),
                             tp_inputs={"attention": 3, "feed_forward": 1}),
