@@ -1,6 +1,6 @@
-# The README's two commands: `make train` and `make test`. Both set up a fresh machine first.
+# The README's two commands: `make train` (2 ranks, FSDP, on CPU) and `make test`. Both set up a fresh machine first.
 PYTHON ?= python3
-NPROC ?= 1
+NPROC ?= 2
 ARGS ?=
 
 .PHONY: setup train test test-slow bench

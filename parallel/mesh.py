@@ -114,3 +114,12 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
 def dp_mesh_for_fsdp(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
     """1-D `dp_shard` mesh for FSDP, 2-D `(dp_replicate, dp_shard)` for HSDP/DDP."""
     return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+
+
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Tear the process groups down, after waiting for every rank unless the job is failing (a rank
+    that tears down while a peer still talks to it can abort the peer)."""
+    if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -6,6 +6,7 @@ parallelize -> initialize from the seed -> optimizer -> resume -> train -> save 
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from parallel.mesh import init_process_group, read_env
+from parallel.mesh import init_process_group, read_env, shutdown
 from recipes.cli import config_errors, fail, parse_args
 from titan.checkpoint import CheckpointManager
 from titan.config import ConfigError, PretrainConfig, register_schemas, validate
@@ -157,8 +158,6 @@ def main(argv: list[str]) -> None:
             save(state)
     finally:
         metrics.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     if env.is_writer:
         print(f"done: {state.step} steps, {state.tokens} tokens. Outputs in {run_dir}: config.yaml, metrics.jsonl"
               + (", checkpoints/" if cfg.checkpoint.enabled else "")
@@ -171,4 +170,12 @@ def _read_wandb_id(run_dir: Path) -> str | None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except SystemExit:  # a config error found after the process groups came up: every rank fails
+        shutdown(wait_for_peers=False)
+        raise
+    # The model, optimizer and FSDP state (which may hold pending collective work) are gone once
+    # main returns; only then tear the process groups down.
+    gc.collect()
+    shutdown()

@@ -21,3 +21,23 @@ def run_recipe(module: str, args: list[str], timeout: float = 300, env: dict | N
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_torchrun(nproc: int, module: str | None, args: list[str], timeout: float = 300,
+                 env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N (-m <module> | <script>) args`, one thread per rank,
+    with a timeout."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
+    target = [script] if script else ["-m", module]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def assert_curves_match(reference: list[dict], got: list[dict], rtol: float = 1e-4,
+                        keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
+    """Same logged steps, and each key within `rtol` relative of the reference."""
+    assert [r["step"] for r in got] == [r["step"] for r in reference]
+    for ref, row in zip(reference, got):
+        for key in keys:
+            if key in ref:
+                assert abs(row[key] - ref[key]) <= rtol * abs(ref[key]), (row["step"], key, row[key], ref[key])

@@ -1,0 +1,87 @@
+"""Communication accounting against the closed form, one W&B run for many ranks, bad layouts."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from tests.helpers import read_metrics, run_torchrun
+from titan.config import ModelConfig
+from titan.models import build_model
+
+BASE = ["model=debug", "training.steps=2", "training.seq_len=64", "training.global_batch_size=16",
+        "training.micro_batch_size=2", "training.num_threads=1", "logging.log_interval=1", "eval.interval=0",
+        "checkpoint.enabled=false", "logging.progress_bar=false"]
+
+
+def fsdp_unit_shard_bytes(shards: int) -> tuple[list[int], int]:
+    """Padded shard bytes (fp32) of each block unit and of the root unit for the debug model:
+    FSDP2 pads every parameter's first dimension to a multiple of the shard count."""
+    model = build_model(ModelConfig())  # the debug shape
+    def shard_bytes(params) -> int:
+        return sum(math.ceil(p.shape[0] / shards) * (p.numel() // p.shape[0]) * 4 for p in params)
+    blocks = [shard_bytes(block.parameters()) for block in model.layers.values()]
+    block_ids = {id(p) for block in model.layers.values() for p in block.parameters()}
+    root = shard_bytes(p for p in model.parameters() if id(p) not in block_ids)
+    return blocks, root
+
+
+def fsdp_step_bytes(shards: int, micro_batches: int) -> float:
+    """Per rank and step: all-gather of every unit in forward, again in backward for the blocks that
+    reshard after forward (all but the last), and a reduce-scatter of every unit; each moves
+    (n - 1) x the unit's shard."""
+    blocks, root = fsdp_unit_shard_bytes(shards)
+    gathered = root + sum(blocks) + sum(blocks[:-1])
+    reduced = root + sum(blocks)
+    return micro_batches * (shards - 1) * (gathered + reduced)
+
+
+def hsdp_replicate_bytes(replicas: int, shards: int, micro_batches: int) -> float:
+    """All-reduce of each reduced gradient shard across the replicas: 2 (r - 1) / r x shard."""
+    blocks, root = fsdp_unit_shard_bytes(shards)
+    return micro_batches * 2 * (replicas - 1) / replicas * (root + sum(blocks))
+
+
+@pytest.mark.parametrize("nproc,extra,expected", [
+    (2, [], {"comm_gb/dp_shard": fsdp_step_bytes(2, 4)}),
+    (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
+     {"comm_gb/dp_shard": fsdp_step_bytes(2, 2), "comm_gb/dp_replicate": hsdp_replicate_bytes(2, 2, 2)}),
+])
+def test_comm_bytes_match_closed_form(nproc, extra, expected, tmp_path):
+    proc = run_torchrun(nproc, "recipes.pretrain", [*BASE, *extra, f"run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in read_metrics(tmp_path):
+        for key, formula in expected.items():
+            measured = row[key] * 1e9
+            # Scalars (loss sum, grad-norm pieces) add a few bytes on top of the formula.
+            assert formula <= measured <= formula + 256, (key, measured, formula)
+
+
+def test_one_wandb_run_for_four_ranks(tmp_path):
+    proc = run_torchrun(4, "recipes.pretrain", [*BASE, "logging.wandb.enabled=true", "logging.wandb.mode=offline",
+                                                f"run.dir={tmp_path}"],
+                        env={"WANDB_MODE": "offline", "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
+                             "WANDB_CONFIG_DIR": str(tmp_path / ".wandb-config"),
+                             "WANDB_CACHE_DIR": str(tmp_path / ".wandb-cache"),
+                             "WANDB_DATA_DIR": str(tmp_path / ".wandb-data")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [p for p in (tmp_path / "wandb").iterdir() if p.name.startswith("offline-run-")]
+    assert len(runs) == 1, runs
+    assert len(list(runs[0].glob("*.wandb"))) == 1
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["parallel.dp_shard=3"], "parallel.dp_shard"),
+    (["parallel.tp=2", "model.n_kv_heads=1"], "parallel.tp"),
+    (["parallel.hierarchical=true", "parallel.tp=4"], "parallel.tp"),
+    (["parallel.reshard_after_forward=3"], "parallel.reshard_after_forward"),
+])
+def test_bad_layout_fails_fast_with_exit_2(extra, key, tmp_path):
+    proc = run_torchrun(2, "recipes.pretrain", [*BASE, *extra, f"run.dir={tmp_path / 'run'}"], timeout=120)
+    assert proc.returncode != 0
+    # torchrun's agent exits 1 on any worker failure; the workers' own exit code is 2.
+    assert re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr[-2000:]
+    assert f"config error at `{key}`" in proc.stderr
+    assert not (tmp_path / "run").exists()

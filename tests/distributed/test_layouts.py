@@ -1,0 +1,78 @@
+"""Every data/tensor-parallel layout, through a real `torchrun -m recipes.pretrain`, gives the
+single-process initial weights and loss curve (fp32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import assert_curves_match, read_metrics, run_recipe, run_torchrun
+
+COMMON = ["model=debug", "training.steps=8", "training.seq_len=64", "training.global_batch_size=16",
+          "training.micro_batch_size=2", "training.num_threads=1", "logging.log_interval=1", "eval.interval=4",
+          "eval.steps=1", "checkpoint.enabled=false", "logging.progress_bar=false"]
+
+LAYOUTS = {
+    "fsdp2": (2, []),
+    "fsdp4": (4, []),
+    "zero2": (4, ["parallel.reshard_after_forward=false"]),
+    "hpz": (4, ["parallel.reshard_after_forward=2"]),
+    "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    "ddp2": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "tp2_fsdp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "hsdp_tp": (8, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.tp=2",
+                    "parallel.sequence_parallel=true"]),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("single")
+    proc = run_recipe("recipes.pretrain", [*COMMON, f"run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr
+    return read_metrics(run_dir)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_loss_curve_matches_single_process(name, reference, tmp_path):
+    nproc, extra = LAYOUTS[name]
+    proc = run_torchrun(nproc, "recipes.pretrain", [*COMMON, *extra, f"run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = read_metrics(tmp_path)
+    assert_curves_match(reference, got, rtol=1e-4, keys=("loss", "grad_norm", "eval_loss", "lr"))
+    # Only one rank writes: one row per step, and the tokens count the whole global batch.
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in reference]
+    comm = {k for k in got[-1] if k.startswith("comm_gb/")}
+    assert comm, got[-1]
+
+
+DUMP = str(Path(__file__).with_name("dump_init.py"))
+
+
+def _initial_state(tmp_path: Path, name: str, nproc: int, extra: list[str]) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"{name}.pt"
+    proc = run_torchrun(nproc, None, [str(out), "model=debug", "training.num_threads=1", *extra], script=DUMP)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_initial_weights_identical_on_every_layout(tmp_path):
+    single = _initial_state(tmp_path, "single", 1, [])
+    for name, nproc, extra in [("fsdp2", 2, []), ("tp2_sp", 2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+                               ("hsdp2x2", 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"])]:
+        state = _initial_state(tmp_path, name, nproc, extra)
+        assert state.keys() == single.keys(), name
+        for key, value in single.items():
+            assert torch.equal(state[key], value), (name, key)
+
+
+def test_tied_embeddings_stay_tied_under_tp_and_fsdp(tmp_path):
+    single = _initial_state(tmp_path, "single", 1, ["model.tie_embeddings=true"])
+    state = _initial_state(tmp_path, "tied", 4, ["parallel.tp=2", "model.tie_embeddings=true"])
+    assert state.keys() == single.keys()
+    for key, value in single.items():
+        assert torch.equal(state[key], value), key
