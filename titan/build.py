@@ -16,7 +16,7 @@ from parallel.comm_stats import CommCounter, mesh_group_names
 from parallel.grad_norm import clip_grad_norm_
 from parallel.mesh import DistEnv, ParallelDims, build_mesh, hierarchical_dims
 from parallel.parallelize import parallelize
-from titan.config import PretrainConfig
+from titan.config import ConfigError, PretrainConfig
 from titan.models import build_model, init_weights
 from titan.trainer import ParallelContext
 
@@ -51,6 +51,9 @@ def _to_local(value: torch.Tensor) -> torch.Tensor:
 def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.device) -> tuple[nn.Module, ParallelContext]:
     """The model parallelized and initialized from the seed, and what the trainer needs to drive it."""
     dims, mesh = layout.dims, layout.mesh
+    if cfg.parallel.cpu_offload and device.type == "cpu":
+        raise ConfigError("parallel.cpu_offload", "offloading to CPU memory needs an accelerator; this run is on "
+                          "the CPU already.", "set parallel.cpu_offload=false.")
     model = build_model(cfg.model)
     plan = model.plan()
     use_loss_parallel = dims.tp > 1 and cfg.parallel.loss_parallel
