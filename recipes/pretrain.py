@@ -72,9 +72,6 @@ def main(argv: list[str]) -> None:
     with config_errors(env.rank):
         dims = resolve_dims(cfg, env)
         validate(cfg, env.world_size, dims.dp_size)
-        if dims.pp > 1:
-            raise ConfigError("parallel.pp", "pipeline parallelism is not available in this build yet.",
-                              "set parallel.pp=1.")
         check_data(cfg)
         run_dir = Path(cfg.run.dir).expanduser().resolve()
         manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer)

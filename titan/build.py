@@ -1,4 +1,5 @@
-"""Build the model for this rank's place in the layout: mesh -> meta model -> parallelize -> init."""
+"""Build the model for this rank's place in the layout: mesh -> meta model -> (pipeline cut) ->
+parallelize -> initialize from the seed -> the runner the trainer drives it with."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ from functools import partial
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.comm_stats import CommCounter, mesh_group_names
+from parallel.errors import LayoutError
 from parallel.grad_norm import clip_grad_norm_
 from parallel.mesh import DistEnv, ParallelDims, build_mesh, hierarchical_dims
 from parallel.parallelize import parallelize
+from parallel.pipeline import V_SHAPED, PipelineLayout, StageUnion, build_schedule, plan_stages, stage_module
 from titan.config import ConfigError, PretrainConfig
-from titan.models import build_model, init_weights
+from titan.models import Llama, build_model, init_weights
+from titan.models.llama import flops_per_token
+from titan.runners import MicroBatchRunner, PipelineRunner, ScaledTokenLoss, StepRunner
 from titan.trainer import ParallelContext
 
 
@@ -48,30 +54,99 @@ def _to_local(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def pipeline_layout(cfg: PretrainConfig, pp: int) -> PipelineLayout:
+    """Stages balanced by estimated FLOPs: blocks, plus the output projection on the last stage."""
+    m, p = cfg.model, cfg.parallel
+    per_token = flops_per_token(m, cfg.training.seq_len)
+    output_cost = 6 * m.dim * m.vocab_size
+    layer_cost = (per_token - output_cost) / m.n_layers
+    return plan_stages(m.n_layers, pp, p.pp_virtual_stages, p.pp_schedule, layer_cost, 0.0, output_cost,
+                       list(p.pp_layers_per_stage) if p.pp_layers_per_stage else None)
+
+
+def pipeline_microbatches(cfg: PretrainConfig, dims: ParallelDims, layout: PipelineLayout) -> int:
+    local = cfg.training.global_batch_size // dims.dp_size
+    n = cfg.parallel.pp_microbatches or local // cfg.training.micro_batch_size
+    if local % n:
+        raise ConfigError("parallel.pp_microbatches", f"{n} microbatches do not split the {local} sequences each "
+                          "data-parallel rank gets per step.", "choose a divisor of global_batch_size / dp.")
+    stages_per_rank = layout.num_stages // dims.pp
+    if n < dims.pp or (stages_per_rank > 1 and n % dims.pp):
+        raise ConfigError("parallel.pp_microbatches", f"{cfg.parallel.pp_schedule} over pp={dims.pp} needs at least "
+                          f"{dims.pp} microbatches{' (a multiple of pp)' if stages_per_rank > 1 else ''}, got {n}.",
+                          "lower training.micro_batch_size, raise training.global_batch_size or set "
+                          "parallel.pp_microbatches.")
+    return n
+
+
+def _parallelize_part(part: nn.Module, cfg: PretrainConfig, dims: ParallelDims, mesh: DeviceMesh | None,
+                      use_loss_parallel: bool, device: torch.device) -> None:
+    """TP -> activation checkpointing -> compile -> FSDP on one model part, then materialize and init."""
+    parallelize(part, part.plan(), dims=dims, mesh=mesh, sequence_parallel=cfg.parallel.sequence_parallel,
+                loss_parallel=use_loss_parallel, reshard_after_forward=cfg.parallel.reshard_after_forward,
+                activation_checkpoint=cfg.training.activation_checkpoint,
+                activation_checkpoint_every=cfg.training.activation_checkpoint_every,
+                compile=cfg.training.compile,
+                param_dtype=torch.bfloat16 if cfg.training.dtype == "bfloat16" else None,
+                cpu_offload=cfg.parallel.cpu_offload)
+    part.to_empty(device="cpu" if cfg.parallel.cpu_offload else device)
+    init_weights(part, cfg.model, cfg.training.seed)
+
+
 def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.device) -> tuple[nn.Module, ParallelContext]:
-    """The model parallelized and initialized from the seed, and what the trainer needs to drive it."""
+    """The model (or this rank's pipeline stages) parallelized and initialized from the seed, and
+    what the trainer needs to drive it."""
     dims, mesh = layout.dims, layout.mesh
     if cfg.parallel.cpu_offload and device.type == "cpu":
         raise ConfigError("parallel.cpu_offload", "offloading to CPU memory needs an accelerator; this run is on "
                           "the CPU already.", "set parallel.cpu_offload=false.")
-    model = build_model(cfg.model)
-    plan = model.plan()
     use_loss_parallel = dims.tp > 1 and cfg.parallel.loss_parallel
-    param_dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else None
-    parallelize(model, plan, dims=dims, mesh=mesh, sequence_parallel=cfg.parallel.sequence_parallel,
-                loss_parallel=use_loss_parallel, reshard_after_forward=cfg.parallel.reshard_after_forward,
-                activation_checkpoint=cfg.training.activation_checkpoint,
-                activation_checkpoint_every=cfg.training.activation_checkpoint_every,
-                compile=cfg.training.compile, param_dtype=param_dtype, cpu_offload=cfg.parallel.cpu_offload)
-    model.to_empty(device="cpu" if cfg.parallel.cpu_offload else device)
-    init_weights(model, cfg.model, cfg.training.seed)
+    tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
+    # Under FSDP, mixed precision comes from its policy; otherwise from autocast.
+    autocast_dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" and dims.dp_size == 1 else None
+    loss_context = loss_parallel if use_loss_parallel else nullcontext
+    model = build_model(cfg.model)
+    runner: StepRunner
+    if dims.pp == 1:
+        _parallelize_part(model, cfg, dims, mesh, use_loss_parallel, device)
+        runner = MicroBatchRunner(model, device, tokens_per_step, dims.dp_size, autocast_dtype, loss_context, _to_local)
+    else:
+        model, runner = _build_pipeline(model, cfg, layout, device, use_loss_parallel, tokens_per_step,
+                                        autocast_dtype, loss_context)
+    pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
     par = ParallelContext(
+        runner=runner,
         dp_size=dims.dp_size,
         dp_group=mesh["dp"].get_group() if mesh is not None else None,
-        clip_grad_norm=partial(clip_grad_norm_, pp_group=None),
-        loss_context=loss_parallel if use_loss_parallel else nullcontext,
-        to_local=_to_local,
-        autocast=dims.dp_size == 1,
+        pp_group=pp_group,
+        clip_grad_norm=partial(clip_grad_norm_, pp_group=pp_group),
         comm_counter=partial(CommCounter, mesh_group_names(mesh)) if mesh is not None else None,
     )
     return model, par
+
+
+def _build_pipeline(model: Llama, cfg: PretrainConfig, layout: Layout, device: torch.device, use_loss_parallel: bool,
+                    tokens_per_step: int, autocast_dtype: torch.dtype | None, loss_context) -> tuple[nn.Module, PipelineRunner]:
+    dims, mesh = layout.dims, layout.mesh
+    if cfg.model.tie_embeddings:
+        raise LayoutError("model.tie_embeddings", "tied embeddings live on two pipeline stages (first and last).",
+                          "set model.tie_embeddings=false to use pipeline parallelism, or parallel.pp=1.")
+    stages_layout = pipeline_layout(cfg, dims.pp)
+    n_microbatches = pipeline_microbatches(cfg, dims, stages_layout)
+    pp_mesh = mesh["pp"]
+    pp_rank = pp_mesh.get_local_rank()
+    plan = model.plan()
+    parts, stages = [], []
+    for stage in stages_layout.stages_of(pp_rank):
+        part = stage_module(model, plan, stages_layout, stage)
+        _parallelize_part(part, cfg, dims, mesh, use_loss_parallel, device)
+        parts.append(part)
+        stages.append(PipelineStage(part, stage, stages_layout.num_stages, device, group=pp_mesh.get_group()))
+    loss_fn = ScaledTokenLoss()
+    schedule = build_schedule(cfg.parallel.pp_schedule, stages, n_microbatches, loss_fn)
+    local = stages_layout.stages_of(pp_rank)
+    runner = PipelineRunner(schedule, loss_fn, has_first=0 in local, has_last=stages_layout.num_stages - 1 in local,
+                            device=device, tokens_per_step=tokens_per_step, dp_size=dims.dp_size,
+                            autocast_dtype=autocast_dtype, loss_context=loss_context, to_local=_to_local,
+                            eval_needs_backward=cfg.parallel.pp_schedule in V_SHAPED, parts=parts)
+    return StageUnion(parts, plan), runner

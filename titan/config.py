@@ -9,7 +9,7 @@ which the recipes turn into a one-paragraph message and exit code 2.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -104,7 +104,8 @@ class ParallelConfig:
     pp: int = 1
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
-    pp_microbatches: Optional[int] = None
+    pp_microbatches: Optional[int] = None  # default: local batch / training.micro_batch_size
+    pp_layers_per_stage: Optional[List[int]] = None  # explicit split; default balances estimated FLOPs
     sequence_parallel: bool = False
     reshard_after_forward: Any = True  # true | false | int (secondary partition size)
     hierarchical: bool = False  # dp_replicate = nodes, dp_shard = ranks per node / tp

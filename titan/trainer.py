@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from parallel.comm_stats import CommCounter
 from titan.config import PretrainConfig
 from titan.metrics import MetricsLogger, ThroughputMeter, peak_memory_gb
+from titan.runners import StepRunner
 
 
 @dataclass
@@ -34,18 +34,20 @@ class TrainState:
 class ParallelContext:
     """What the loop needs from the parallel layout, so it reads the same on every layout."""
 
+    runner: StepRunner  # forward + backward of this rank's share of a batch
     dp_size: int = 1
     dp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None  # the loss is computed on the last stage only
     # Scales gradients so their global L2 norm is at most max_norm; returns the norm before.
     clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] = torch.nn.utils.clip_grad_norm_
-    loss_context: Callable[[], AbstractContextManager] = nullcontext  # e.g. loss parallelism
-    to_local: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # a (DTensor) scalar as a plain tensor
-    autocast: bool = True  # False where FSDP's mixed-precision policy casts instead
     comm_counter: Callable[[], CommCounter] | None = None  # counts collective bytes on logged steps
 
-    def dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank loss part over data-parallel ranks and pipeline stages."""
         if self.dp_size > 1:
             dist.all_reduce(value, group=self.dp_group)
+        if self.pp_group is not None:
+            dist.all_reduce(value, group=self.pp_group)
         return value
 
 
@@ -66,30 +68,13 @@ class Trainer:
         t = cfg.training
         self.accum_steps = t.global_batch_size // par.dp_size // t.micro_batch_size
         self.tokens_per_step = t.global_batch_size * t.seq_len
-        self.autocast_dtype = torch.bfloat16 if par.autocast and t.dtype == "bfloat16" else None
-
-    def loss_sum(self, batch: dict) -> torch.Tensor:
-        """Sum of token cross-entropies of one micro-batch."""
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            logits = self.model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (loss, grad_norm before clipping)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=self.device)
-        for _ in range(self.accum_steps):
-            with self.par.loss_context():
-                part = self.loss_sum(next(self.batches)) / self.tokens_per_step
-                # Data-parallel gradient reduction averages over ranks; scaling by their count
-                # turns it into the sum that the global-batch mean needs.
-                (part * self.par.dp_size).backward()
-            loss += self.par.to_local(part.detach())
-        loss = self.par.dp_sum(loss)
+        batches = [next(self.batches) for _ in range(self.accum_steps)]
+        loss = self.par.global_sum(self.par.runner.train(batches))
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else math.inf
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self.par.clip_grad_norm(params, max_norm)
@@ -105,13 +90,12 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean token loss over the held-out batches."""
         self.model.eval()
+        batches = list(self.eval_batches())
         total = torch.zeros((), device=self.device)
-        count = torch.zeros((), device=self.device)
-        for batch in self.eval_batches():
-            with self.par.loss_context():
-                total += self.par.to_local(self.loss_sum(batch))
-            count += batch["tokens"][:, 1:].numel()
-        return (self.par.dp_sum(total) / self.par.dp_sum(count)).item()
+        for start in range(0, len(batches), self.accum_steps):
+            total += self.par.runner.eval(batches[start:start + self.accum_steps])
+        tokens = sum(b["tokens"][:, 1:].numel() for b in batches) * self.par.dp_size
+        return (self.par.global_sum(total) / tokens).item()
 
     def fit(self) -> TrainState:
         cfg, state = self.cfg, self.state

@@ -1,0 +1,124 @@
+"""Forward and backward of one rank's share of a global batch: micro-batch by micro-batch on a whole
+model, or through a pipeline schedule over this rank's stages.
+
+Both return this rank's contribution to the step's loss (sum of its token losses divided by the
+tokens of the whole global batch); summed over data-parallel (and pipeline) ranks it is the mean
+token loss of the global batch. Gradients come out scaled so that the data-parallel reduction,
+which averages, yields that same mean's gradient.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+ToLocal = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StepRunner(Protocol):
+    def train(self, batches: list[dict]) -> torch.Tensor: ...
+
+    def eval(self, batches: list[dict]) -> torch.Tensor:
+        """Sum of token cross-entropies over `batches` (on the ranks that compute the loss)."""
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+
+def split_tokens(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class MicroBatchRunner:
+    """Gradient accumulation over micro-batches on a model that holds every layer."""
+
+    def __init__(self, model: nn.Module, device: torch.device, tokens_per_step: int, dp_size: int,
+                 autocast_dtype: torch.dtype | None, loss_context: Callable[[], AbstractContextManager], to_local: ToLocal):
+        self.model, self.device, self.tokens_per_step, self.dp_size = model, device, tokens_per_step, dp_size
+        self.autocast_dtype, self.loss_context, self.to_local = autocast_dtype, loss_context, to_local
+
+    def _loss_sum(self, batch: dict) -> torch.Tensor:
+        inputs, targets = split_tokens(batch, self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.model(inputs)
+        return token_loss_sum(logits, targets)
+
+    def train(self, batches: list[dict]) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            with self.loss_context():
+                part = self._loss_sum(batch) / self.tokens_per_step
+                (part * self.dp_size).backward()
+            total += self.to_local(part.detach())
+        return total
+
+    def eval(self, batches: list[dict]) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            with self.loss_context():
+                total += self.to_local(self._loss_sum(batch).detach())
+        return total
+
+
+class ScaledTokenLoss:
+    """The pipeline's loss function: token cross-entropy sum times a scale set per use."""
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(logits, targets) * self.scale
+
+
+class PipelineRunner:
+    """Runs this rank's stages through a pipeline schedule; the loss lives on the last stage.
+
+    torch's V-shaped schedules cannot run forward-only, so with `eval_needs_backward` eval runs the
+    full schedule and then drops the gradients it left."""
+
+    def __init__(self, schedule: _PipelineSchedule, loss_fn: ScaledTokenLoss, has_first: bool, has_last: bool,
+                 device: torch.device, tokens_per_step: int, dp_size: int, autocast_dtype: torch.dtype | None,
+                 loss_context: Callable[[], AbstractContextManager], to_local: ToLocal,
+                 eval_needs_backward: bool, parts: list[nn.Module]):
+        self.schedule, self.loss_fn, self.has_first, self.has_last = schedule, loss_fn, has_first, has_last
+        self.device, self.tokens_per_step, self.dp_size = device, tokens_per_step, dp_size
+        self.autocast_dtype, self.loss_context, self.to_local = autocast_dtype, loss_context, to_local
+        self.eval_needs_backward, self.parts = eval_needs_backward, parts
+
+    def _run(self, batches: list[dict], backward: bool, scale: float) -> torch.Tensor:
+        """Sum of this rank's last-stage losses over `batches`, divided by `scale` (zero elsewhere)."""
+        inputs, targets = split_tokens({"tokens": torch.cat([b["tokens"] for b in batches])}, self.device)
+        args = (inputs,) if self.has_first else ()
+        self.loss_fn.scale = scale
+        losses: list[torch.Tensor] = []
+        run = self.schedule.step if backward else self.schedule.eval
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                  enabled=self.autocast_dtype is not None)
+        with self.loss_context(), autocast:
+            run(*args, target=targets if self.has_last else None, losses=losses)
+        total = torch.zeros((), device=self.device)
+        for loss in losses:
+            total += self.to_local(loss.detach())
+        return total / scale
+
+    def train(self, batches: list[dict]) -> torch.Tensor:
+        # Backward through sum x dp / global tokens: the data-parallel average then gives the mean's gradient.
+        return self._run(batches, backward=True, scale=self.dp_size / self.tokens_per_step) / self.tokens_per_step
+
+    def eval(self, batches: list[dict]) -> torch.Tensor:
+        if not self.eval_needs_backward:
+            with torch.no_grad():
+                return self._run(batches, backward=False, scale=1.0)
+        with torch.enable_grad():
+            total = self._run(batches, backward=True, scale=1.0)
+        for part in self.parts:
+            part.zero_grad(set_to_none=True)
+        return total
