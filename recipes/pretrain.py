@@ -20,7 +20,7 @@ from titan.checkpoint import CheckpointManager
 from titan.config import ConfigError, PretrainConfig, register_schemas, validate
 from titan.data.loader import eval_batches, load_data, train_loader
 from titan.metrics import ConsoleSink, JsonlSink, MetricsLogger, ThroughputMeter, WandbSink, default_peak_tflops
-from titan.build import build_layout, build_parallel_model, resolve_dims
+from titan.build import build_layout, build_parallel_model, check_layout, resolve_dims
 from titan.models import flops_per_token
 from titan.optim import build_optimizer, build_scheduler
 from titan.trainer import Trainer, TrainState
@@ -72,6 +72,7 @@ def main(argv: list[str]) -> None:
     with config_errors(env.rank):
         dims = resolve_dims(cfg, env)
         validate(cfg, env.world_size, dims.dp_size)
+        check_layout(cfg, dims, env.device)
         check_data(cfg)
         run_dir = Path(cfg.run.dir).expanduser().resolve()
         manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer)

@@ -15,11 +15,13 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from parallel.comm_stats import CommCounter, mesh_group_names
+from parallel.data_parallel import check_reshard_after_forward
 from parallel.errors import LayoutError
 from parallel.grad_norm import clip_grad_norm_
 from parallel.mesh import DistEnv, ParallelDims, build_mesh, hierarchical_dims
 from parallel.parallelize import parallelize
 from parallel.pipeline import V_SHAPED, PipelineLayout, StageUnion, build_schedule, plan_stages, stage_module
+from parallel.tensor_parallel import check_tp_degree
 from titan.config import ConfigError, PretrainConfig
 from titan.models import Llama, build_model, init_weights
 from titan.models.llama import flops_per_token
@@ -48,6 +50,23 @@ def build_layout(dims: ParallelDims, env: DistEnv) -> Layout:
         return Layout(dims, None, 0)
     mesh = build_mesh(dims, env.device.type)
     return Layout(dims, mesh, mesh["dp"].get_local_rank())
+
+
+def check_layout(cfg: PretrainConfig, dims: ParallelDims, device: torch.device) -> None:
+    """Everything about the layout that can be refused before any process group exists."""
+    if cfg.parallel.cpu_offload and device.type == "cpu":
+        raise ConfigError("parallel.cpu_offload", "offloading to CPU memory needs an accelerator; this run is on "
+                          "the CPU already.", "set parallel.cpu_offload=false.")
+    plan = build_model(cfg.model).plan()
+    if dims.tp > 1:
+        check_tp_degree(plan, dims.tp)
+    if dims.dp_size > 1:
+        check_reshard_after_forward(cfg.parallel.reshard_after_forward, dims.dp_shard)
+    if dims.pp > 1:
+        if cfg.model.tie_embeddings:
+            raise LayoutError("model.tie_embeddings", "tied embeddings would live on two pipeline stages.",
+                              "set model.tie_embeddings=false to use pipeline parallelism, or parallel.pp=1.")
+        pipeline_microbatches(cfg, dims, pipeline_layout(cfg, dims.pp))
 
 
 def _to_local(value: torch.Tensor) -> torch.Tensor:
@@ -97,9 +116,7 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
     """The model (or this rank's pipeline stages) parallelized and initialized from the seed, and
     what the trainer needs to drive it."""
     dims, mesh = layout.dims, layout.mesh
-    if cfg.parallel.cpu_offload and device.type == "cpu":
-        raise ConfigError("parallel.cpu_offload", "offloading to CPU memory needs an accelerator; this run is on "
-                          "the CPU already.", "set parallel.cpu_offload=false.")
+    check_layout(cfg, dims, device)
     use_loss_parallel = dims.tp > 1 and cfg.parallel.loss_parallel
     tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
     # Under FSDP, mixed precision comes from its policy; otherwise from autocast.
@@ -128,9 +145,6 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
 def _build_pipeline(model: Llama, cfg: PretrainConfig, layout: Layout, device: torch.device, use_loss_parallel: bool,
                     tokens_per_step: int, autocast_dtype: torch.dtype | None, loss_context) -> tuple[nn.Module, PipelineRunner]:
     dims, mesh = layout.dims, layout.mesh
-    if cfg.model.tie_embeddings:
-        raise LayoutError("model.tie_embeddings", "tied embeddings live on two pipeline stages (first and last).",
-                          "set model.tie_embeddings=false to use pipeline parallelism, or parallel.pp=1.")
     stages_layout = pipeline_layout(cfg, dims.pp)
     n_microbatches = pipeline_microbatches(cfg, dims, stages_layout)
     pp_mesh = mesh["pp"]

@@ -84,4 +84,5 @@ def test_bad_layout_fails_fast_with_exit_2(extra, key, tmp_path):
     # torchrun's agent exits 1 on any worker failure; the workers' own exit code is 2.
     assert re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr[-2000:]
     assert f"config error at `{key}`" in proc.stderr
+    assert not re.search(r'File ".*/(titan|parallel|recipes)/', proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
