@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,32 +18,26 @@ from omegaconf import OmegaConf
 from parallel.mesh import init_process_group, read_env, shutdown
 from recipes.cli import config_errors, fail, parse_args
 from titan.checkpoint import CheckpointManager
+from titan.checkpoint.resume import check_compatible, pick_verified, resume_candidates
 from titan.config import ConfigError, PretrainConfig, register_schemas, validate
-from titan.data.loader import eval_batches, load_data, train_loader
-from titan.metrics import ConsoleSink, JsonlSink, MetricsLogger, ThroughputMeter, WandbSink, default_peak_tflops
+from titan.data.loader import DataBundle, eval_batches, load_data, train_loader
+from titan.data.sequence_log import SequenceIdLog
+from titan.metrics import (
+    ConsoleSink,
+    JsonlSink,
+    MetricsLogger,
+    ThroughputMeter,
+    WandbSink,
+    default_peak_tflops,
+    truncate_after_step,
+)
 from titan.build import build_layout, build_parallel_model, check_layout, resolve_dims
 from titan.models import flops_per_token
 from titan.optim import build_optimizer, build_scheduler
+from titan.preemption import PreemptionWatch
 from titan.trainer import Trainer, TrainState
 
 WANDB_ID_FILE = "wandb_run_id"
-
-
-def resolve_resume(cfg: PretrainConfig, run_dir: Path, manager: CheckpointManager) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to start over another run's checkpoints."""
-    resume = cfg.checkpoint.resume
-    if resume == "auto":
-        return manager.latest()
-    if resume == "none":
-        if manager.latest() is not None:
-            raise ConfigError("checkpoint.resume", f"{run_dir} already holds checkpoints of another run.",
-                              "resume it with checkpoint.resume=auto, or pick a new run.dir.")
-        return None
-    path = Path(resume).expanduser().resolve()
-    if not (path / "COMMITTED").is_file():
-        raise ConfigError("checkpoint.resume", f"{path} is not a committed checkpoint folder.",
-                          "point it at a checkpoints/step-<N> folder, or use auto / none.")
-    return path
 
 
 def check_data(cfg: PretrainConfig) -> None:
@@ -75,67 +70,47 @@ def main(argv: list[str]) -> None:
         check_layout(cfg, dims, env.device)
         check_data(cfg)
         run_dir = Path(cfg.run.dir).expanduser().resolve()
-        manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer)
-        resume_from = resolve_resume(cfg, run_dir, manager)
-        try:
-            data = load_data(cfg.data, cfg.training.seq_len)
-        except (OSError, KeyError, ValueError) as exc:
-            raise ConfigError("data", f"could not read the corpus: {exc}.", "check data.path and data.tokenizer.")
-        if data.vocab_size > cfg.model.vocab_size:
-            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"vocabulary ({data.vocab_size}).", f"set model.vocab_size={data.vocab_size} or more.")
-        if len(data.train) < 1 or (cfg.eval.interval and len(data.eval) < 1):
-            raise ConfigError("training.seq_len", f"the corpus is too small for windows of {cfg.training.seq_len} "
-                              "tokens in its train and eval splits.", "lower training.seq_len or add data.")
+        candidates = resume_candidates(cfg.checkpoint, run_dir, CheckpointManager(run_dir, cfg.checkpoint.keep, False))
+        data = load_checked_data(cfg)
 
     torch.set_num_threads(cfg.training.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
     if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True)
     device = env.device
     init_process_group(env, cfg.parallel.timeout_s)
+    log = partial(print, flush=True) if env.is_writer else (lambda *args, **kwargs: None)
     with config_errors(env.rank):
         layout = build_layout(dims, env)
         model, par = build_parallel_model(cfg, layout, device)
+        resume_from = pick_verified(candidates, cfg.checkpoint.on_corrupt, log)
+        if resume_from is not None:
+            check_compatible(CheckpointManager.read_train_state(resume_from)["config"], cfg.model, resume_from)
+    manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer, cfg.checkpoint.async_save)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
     loader = train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size)
 
-    state = TrainState()
-    wandb_id = None
+    state, wandb_id = TrainState(), None
     if resume_from is not None:
         saved = CheckpointManager.load(resume_from, model, optimizer)
         state = TrainState(step=saved["step"], tokens=saved["tokens"])
         scheduler.load_state_dict(saved["scheduler"])
         loader.load_state_dict(saved["data"])
+        torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
         wandb_id = saved.get("wandb_run_id")
-        if env.is_writer:
-            print(f"resumed from {resume_from} at step {state.step}", flush=True)
+        log(f"resumed from {resume_from} at step {state.step}")
         if state.step >= cfg.training.steps:
-            if env.is_writer:
-                print(f"run already complete at step {state.step} (training.steps={cfg.training.steps}); "
-                      f"raise training.steps to go on. Outputs: {run_dir}", flush=True)
+            log(f"run already complete at step {state.step} (training.steps={cfg.training.steps}); "
+                f"raise training.steps to go on. Outputs: {run_dir}")
             return
 
-    sinks = []
+    metrics = MetricsLogger()
     if env.is_writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None or not (run_dir / "config.yaml").exists():
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
-        sinks.append(JsonlSink(run_dir / "metrics.jsonl", append=resume_from is not None))
-        sinks.append(ConsoleSink(cfg.training.steps, state.step, cfg.logging.progress_bar))
-        if cfg.logging.wandb.enabled:
-            wandb_id = wandb_id or _read_wandb_id(run_dir)
-            w = cfg.logging.wandb
-            sink = WandbSink(run_dir, w.project, w.name or cfg.run.name, w.entity, w.mode,
-                             OmegaConf.to_container(raw), wandb_id)
-            wandb_id = sink.run_id
-            (run_dir / WANDB_ID_FILE).write_text(wandb_id)
-            sinks.append(sink)
-    metrics = MetricsLogger(sinks)
-
+        metrics, wandb_id = writer_sinks(cfg, raw, run_dir, state, resumed=resume_from is not None, wandb_id=wandb_id)
     dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
     peak = cfg.training.peak_tflops or default_peak_tflops(device, dtype)
     throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.training.seq_len), env.world_size, peak)
+    preemption = PreemptionWatch(device)
 
     def save(s: TrainState) -> None:
         train_state = {"step": s.step, "tokens": s.tokens, "scheduler": scheduler.state_dict(),
@@ -143,28 +118,67 @@ def main(argv: list[str]) -> None:
                        "rng": torch.get_rng_state().tolist(), "config": OmegaConf.to_container(raw)}
         manager.save(s.step, model, optimizer, train_state)
 
-    def on_step_end(s: TrainState) -> None:
-        if cfg.checkpoint.enabled and cfg.checkpoint.interval and s.step % cfg.checkpoint.interval == 0:
+    def on_step_end(s: TrainState) -> bool:
+        manager.poll()
+        preempted = preemption.requested()
+        if cfg.checkpoint.enabled and (preempted or (cfg.checkpoint.interval and s.step % cfg.checkpoint.interval == 0)):
             save(s)
+        if preempted:
+            log(f"preempted (SIGTERM): checkpoint of step {s.step} saved; the same command resumes it")
+        return preempted
 
+    on_batches = SequenceIdLog(run_dir, par.dp_group, env.is_writer) if cfg.logging.sequence_ids else None
     trainer = Trainer(cfg, model, optimizer, scheduler, iter(loader),
                       lambda: eval_batches(data, cfg.training, layout.dp_rank, dims.dp_size, cfg.eval.steps), par,
-                      device, metrics, throughput, state, on_step_end)
+                      device, metrics, throughput, state, on_step_end, on_batches)
     try:
         state = trainer.fit()
-        if cfg.checkpoint.enabled and manager.latest() != manager.folder / f"step-{state.step}":
+        if cfg.checkpoint.enabled and manager.latest() != manager.folder / f"step-{state.step}" and not (
+                manager.pending and manager.pending.step == state.step):
             save(state)
+        manager.wait()
     finally:
         metrics.close()
-    if env.is_writer:
-        print(f"done: {state.step} steps, {state.tokens} tokens. Outputs in {run_dir}: config.yaml, metrics.jsonl"
-              + (", checkpoints/" if cfg.checkpoint.enabled else "")
-              + (", wandb/" if cfg.logging.wandb.enabled else ""), flush=True)
+    log(f"done: {state.step} steps, {state.tokens} tokens. Outputs in {run_dir}: config.yaml, metrics.jsonl"
+        + (", checkpoints/" if cfg.checkpoint.enabled else "") + (", wandb/" if cfg.logging.wandb.enabled else ""))
 
 
-def _read_wandb_id(run_dir: Path) -> str | None:
-    path = run_dir / WANDB_ID_FILE
-    return path.read_text().strip() if path.is_file() else None
+def load_checked_data(cfg: PretrainConfig) -> DataBundle:
+    """Tokenize or map the corpus; refuse one the model or the windows cannot use."""
+    try:
+        data = load_data(cfg.data, cfg.training.seq_len)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError("data", f"could not read the corpus: {exc}.", "check data.path and data.tokenizer.")
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({data.vocab_size}).", f"set model.vocab_size={data.vocab_size} or more.")
+    if len(data.train) < 1 or (cfg.eval.interval and len(data.eval) < 1):
+        raise ConfigError("training.seq_len", f"the corpus is too small for windows of {cfg.training.seq_len} "
+                          "tokens in its train and eval splits.", "lower training.seq_len or add data.")
+    return data
+
+
+def writer_sinks(cfg: PretrainConfig, raw, run_dir: Path, state: TrainState, resumed: bool,
+                 wandb_id: str | None) -> tuple[MetricsLogger, str | None]:
+    """config.yaml, metrics.jsonl, the console and W&B, on the writer rank only."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resumed or not (run_dir / "config.yaml").exists():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
+    if resumed:  # rows a crashed attempt wrote past the checkpoint are replaced by the rerun
+        for name in ("metrics.jsonl", "sequence_ids.jsonl"):
+            truncate_after_step(run_dir / name, state.step)
+    sinks = [JsonlSink(run_dir / "metrics.jsonl", append=resumed),
+             ConsoleSink(cfg.training.steps, state.step, cfg.logging.progress_bar)]
+    if cfg.logging.wandb.enabled:
+        w = cfg.logging.wandb
+        id_file = run_dir / WANDB_ID_FILE
+        wandb_id = wandb_id or (id_file.read_text().strip() if id_file.is_file() else None)
+        sink = WandbSink(run_dir, w.project, w.name or cfg.run.name, w.entity, w.mode, OmegaConf.to_container(raw),
+                         wandb_id)
+        wandb_id = sink.run_id
+        id_file.write_text(wandb_id)
+        sinks.append(sink)
+    return MetricsLogger(sinks), wandb_id
 
 
 if __name__ == "__main__":

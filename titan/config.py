@@ -119,7 +119,8 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps; 0 = only at the end
     keep: int = 2
     resume: str = "auto"  # auto | none | <step dir>
-    async_save: bool = False
+    async_save: bool = False  # write in the background while training goes on
+    on_corrupt: str = "fail"  # fail | previous (fall back to the previous commit)
     enabled: bool = True
 
 
@@ -136,6 +137,7 @@ class WandbConfig:
 class LoggingConfig:
     log_interval: int = 10
     progress_bar: bool = True
+    sequence_ids: bool = False  # write <run.dir>/sequence_ids.jsonl: the ids of each step's global batch
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -204,6 +206,7 @@ def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
     _one_of("optim.name", cfg.optim.name, ("adamw",))
     _one_of("optim.implementation", cfg.optim.implementation, ("auto", "foreach", "fused", "for_loop"))
     _one_of("data.source", cfg.data.source, ("pydoc", "text", "jsonl", "tokens"))
+    _one_of("checkpoint.on_corrupt", cfg.checkpoint.on_corrupt, ("fail", "previous"))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
     for key, value in [("lr.min_lr_ratio", cfg.lr.min_lr_ratio), ("lr.decay_fraction", cfg.lr.decay_fraction)]:
         if not 0.0 <= value <= 1.0:

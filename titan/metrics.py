@@ -84,6 +84,14 @@ class JsonlSink:
         self.file.close()
 
 
+def truncate_after_step(path: Path, step: int) -> None:
+    """Drop JSON lines whose `step` is past `step` (what a crashed attempt logged after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 class ConsoleSink:
     """A rich progress bar with the latest numbers, plus one printed line per logged step."""
 

@@ -60,11 +60,12 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterator[dict],
                  eval_batches: Callable[[], Iterator[dict]], par: ParallelContext, device: torch.device,
                  metrics: MetricsLogger, throughput: ThroughputMeter, state: TrainState,
-                 on_step_end: Callable[[TrainState], None] = lambda state: None):
+                 on_step_end: Callable[[TrainState], bool] = lambda state: False,
+                 on_batches: Callable[[int, list[dict]], None] | None = None):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.batches, self.eval_batches, self.par, self.device = batches, eval_batches, par, device
         self.metrics, self.throughput = metrics, throughput
-        self.state, self.on_step_end = state, on_step_end
+        self.state, self.on_step_end, self.on_batches = state, on_step_end, on_batches
         t = cfg.training
         self.accum_steps = t.global_batch_size // par.dp_size // t.micro_batch_size
         self.tokens_per_step = t.global_batch_size * t.seq_len
@@ -74,6 +75,8 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         batches = [next(self.batches) for _ in range(self.accum_steps)]
+        if self.on_batches is not None:
+            self.on_batches(self.state.step + 1, batches)
         loss = self.par.global_sum(self.par.runner.train(batches))
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else math.inf
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -121,5 +124,6 @@ class Trainer:
                     record["eval_loss"] = self.evaluate()
                     self.throughput.reset(state.tokens)  # eval time is not training throughput
                 self.metrics.log(record)
-            self.on_step_end(state)
+            if self.on_step_end(state):
+                break
         return state
