@@ -82,7 +82,14 @@ def init_process_group(env: DistEnv, timeout_s: float = 300.0) -> None:
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     backend = "nccl" if env.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=env.device if backend == "nccl" else None)
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    # After an elastic restart the agent's store still holds the dead attempt's addresses: give
+    # each attempt its own key space so the new workers never dial a dead peer.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"titan/attempt_{attempt}", store), rank=rank,
+                            world_size=world_size, timeout=timeout,
+                            device_id=env.device if backend == "nccl" else None)
 
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")

@@ -126,3 +126,51 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert "preempted" in out
     steps = [int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*")]
     assert len(steps) == 1 and 3 <= steps[0] < 400 and steps[0] == read_metrics(tmp_path)[-1]["step"]
+
+
+def _workers(agent: subprocess.Popen) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def _torchrun_popen(nproc: int, args: list[str], extra: list[str] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
+           "-m", "recipes.pretrain", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_killed_worker_restarts_and_finishes_on_the_same_curve(uninterrupted, tmp_path):
+    args = [*COMMON, "checkpoint.interval=2", "logging.sequence_ids=false", f"run.dir={tmp_path}"]
+    agent = _torchrun_popen(4, args, ["--max-restarts=1"])
+    try:
+        _wait_for(lambda: _logged_steps(tmp_path) >= 5, 180)
+        os.kill(_workers(agent)[-1], signal.SIGKILL)
+        out, err = agent.communicate(timeout=300)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    expected = read_metrics(uninterrupted)
+    assert_curves_match(expected, read_metrics(tmp_path), rtol=0, keys=("loss", "grad_norm"))
+
+
+def test_kill_during_save_keeps_the_previous_commit(tmp_path):
+    args = [*COMMON, "training.steps=400", "checkpoint.interval=3", "checkpoint.keep=2", "logging.sequence_ids=false",
+            f"run.dir={tmp_path}"]
+    agent = _torchrun_popen(2, args)
+    folder = tmp_path / "checkpoints"
+    try:
+        _wait_for(lambda: (folder / "step-3" / "COMMITTED").is_file(), 180)
+        _wait_for(lambda: (folder / ".tmp-step-6").exists(), 180)  # the next save has started
+        for pid in _workers(agent):
+            os.kill(pid, signal.SIGKILL)
+        agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+    committed = sorted(p.name for p in folder.glob("step-*") if (p / "COMMITTED").is_file())
+    assert "step-3" in committed
+    proc = run_torchrun(2, "recipes.pretrain", [*args[:-2], "training.steps=8", f"run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    newest = committed[-1]
+    assert f"resumed from {folder / newest}" in proc.stdout

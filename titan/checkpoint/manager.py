@@ -148,8 +148,8 @@ class CheckpointManager:
                 shutil.rmtree(final)
             tmp.rename(final)
             fsync_path(self.folder)
-            for old in committed_steps(self.folder)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            for old in committed_steps(self.folder)[:-self.keep] + list(self.folder.glob(".tmp-step-*")):
+                shutil.rmtree(old, ignore_errors=True)  # older commits, and saves a crash left unfinished
         _barrier()
 
     @staticmethod
