@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -130,3 +133,30 @@ def shutdown(wait_for_peers: bool = True) -> None:
         if wait_for_peers:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def run_main(main: Callable[[list[str]], None], argv: list[str]) -> NoReturn:
+    """Run a distributed entry point and leave cleanly.
+
+    After a normal end the process groups are torn down once every rank is done (a config error
+    raised as SystemExit tears down without waiting). A distributed process then exits without
+    interpreter finalization: gloo objects still referenced by meshes and DTensors would otherwise
+    be destroyed during finalization, which can abort the process after its work is done.
+    """
+    distributed = False
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        distributed = dist.is_initialized()
+        shutdown(wait_for_peers=False)
+    else:
+        gc.collect()
+        distributed = dist.is_initialized()
+        shutdown()
+    if distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

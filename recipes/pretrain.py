@@ -6,7 +6,6 @@ parallelize -> initialize from the seed -> optimizer -> resume -> train -> save 
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from functools import partial
@@ -15,8 +14,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from parallel.mesh import init_process_group, read_env, shutdown
-from recipes.cli import config_errors, fail, parse_args
+from parallel.mesh import init_process_group, read_env, run_main
+from recipes.cli import config_errors, parse_args
 from titan.checkpoint import CheckpointManager
 from titan.checkpoint.resume import check_compatible, pick_verified, resume_candidates
 from titan.config import ConfigError, PretrainConfig, register_schemas, validate
@@ -182,12 +181,4 @@ def writer_sinks(cfg: PretrainConfig, raw, run_dir: Path, state: TrainState, res
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except SystemExit:  # a config error found after the process groups came up: every rank fails
-        shutdown(wait_for_peers=False)
-        raise
-    # The model, optimizer and FSDP state (which may hold pending collective work) are gone once
-    # main returns; only then tear the process groups down.
-    gc.collect()
-    shutdown()
+    run_main(main, sys.argv[1:])

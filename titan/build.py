@@ -6,6 +6,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from parallel.mesh import DistEnv, ParallelDims, build_mesh, hierarchical_dims
 from parallel.parallelize import parallelize
 from parallel.pipeline import V_SHAPED, PipelineLayout, StageUnion, build_schedule, plan_stages, stage_module
 from parallel.tensor_parallel import check_tp_degree
+from titan.checkpoint.hf import check_init_from, load_pretrained
 from titan.config import ConfigError, PretrainConfig
 from titan.models import Llama, build_model, init_weights
 from titan.models.llama import flops_per_token
@@ -58,6 +60,8 @@ def check_layout(cfg: PretrainConfig, dims: ParallelDims, device: torch.device) 
         raise ConfigError("parallel.cpu_offload", "offloading to CPU memory needs an accelerator; this run is on "
                           "the CPU already.", "set parallel.cpu_offload=false.")
     plan = build_model(cfg.model).plan()
+    if cfg.model.init_from:
+        check_init_from(cfg.model)
     if dims.tp > 1:
         check_tp_degree(plan, dims.tp)
     if dims.dp_size > 1:
@@ -110,6 +114,8 @@ def _parallelize_part(part: nn.Module, cfg: PretrainConfig, dims: ParallelDims, 
                 cpu_offload=cfg.parallel.cpu_offload)
     part.to_empty(device="cpu" if cfg.parallel.cpu_offload else device)
     init_weights(part, cfg.model, cfg.training.seed)
+    if cfg.model.init_from:
+        load_pretrained(part, Path(cfg.model.init_from))
 
 
 def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.device) -> tuple[nn.Module, ParallelContext]:

@@ -38,6 +38,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
+    init_from: Optional[str] = None  # a Hugging Face Llama folder to start from instead of random weights
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from parallel.mesh import init_process_group, read_env
+from parallel.mesh import init_process_group, read_env, run_main
 from recipes.cli import parse_args
 from titan.build import build_layout, build_parallel_model, resolve_dims
 from titan.config import register_schemas
@@ -27,9 +27,7 @@ def main(out: str, overrides: list[str]) -> None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.rank == 0:
         torch.save(state, out)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    run_main(lambda argv: main(argv[0], argv[1:]), sys.argv[1:])

@@ -12,7 +12,6 @@ import hashlib
 import math
 
 import torch
-from torch import nn
 
 from parallel.tensors import copy_full_into, local_device, tie_parameters
 from titan.config import ModelConfig
