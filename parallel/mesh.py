@@ -135,6 +135,15 @@ def shutdown(wait_for_peers: bool = True) -> None:
         dist.destroy_process_group()
 
 
+PEER_FAILURE_EXIT = 3
+PEER_FAILURE_SIGNS = ("Timed out", "timed out", "Connection reset", "Connection closed", "Broken pipe")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective failed because another rank is gone or hung (not a bug on this rank)."""
+    return isinstance(exc, dist.DistError) or any(sign in str(exc) for sign in PEER_FAILURE_SIGNS)
+
+
 def run_main(main: Callable[[list[str]], None], argv: list[str]) -> NoReturn:
     """Run a distributed entry point and leave cleanly.
 
@@ -147,6 +156,13 @@ def run_main(main: Callable[[list[str]], None], argv: list[str]) -> NoReturn:
     try:
         main(argv)
         code = 0
+    except (dist.DistError, RuntimeError) as exc:
+        if not (dist.is_initialized() and is_peer_failure(exc)):
+            raise
+        print(f"error: a peer rank died or stopped responding (a collective failed or waited longer than "
+              f"parallel.timeout_s); this rank ends the job. Rerun the same command to resume from the last "
+              f"checkpoint. Detail: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+        distributed, code = True, PEER_FAILURE_EXIT
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         distributed = dist.is_initialized()

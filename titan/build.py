@@ -94,9 +94,11 @@ def pipeline_microbatches(cfg: PretrainConfig, dims: ParallelDims, layout: Pipel
         raise ConfigError("parallel.pp_microbatches", f"{n} microbatches do not split the {local} sequences each "
                           "data-parallel rank gets per step.", "choose a divisor of global_batch_size / dp.")
     stages_per_rank = layout.num_stages // dims.pp
-    if n < dims.pp or (stages_per_rank > 1 and n % dims.pp):
+    # DualPipeV runs both halves of its V at once: it needs a microbatch per stage.
+    least = layout.num_stages if cfg.parallel.pp_schedule == "dualpipev" else dims.pp
+    if n < least or (stages_per_rank > 1 and n % dims.pp):
         raise ConfigError("parallel.pp_microbatches", f"{cfg.parallel.pp_schedule} over pp={dims.pp} needs at least "
-                          f"{dims.pp} microbatches{' (a multiple of pp)' if stages_per_rank > 1 else ''}, got {n}.",
+                          f"{least} microbatches{' (a multiple of pp)' if stages_per_rank > 1 else ''}, got {n}.",
                           "lower training.micro_batch_size, raise training.global_batch_size or set "
                           "parallel.pp_microbatches.")
     return n

@@ -4,6 +4,7 @@ bit-identical resume, corruption, incompatible shapes, preemption, crashes and e
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -174,3 +175,23 @@ def test_kill_during_save_keeps_the_previous_commit(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     newest = committed[-1]
     assert f"resumed from {folder / newest}" in proc.stdout
+
+
+def test_hung_peer_ends_the_job_within_the_timeout(tmp_path):
+    args = [*COMMON, "training.steps=100000", "checkpoint.enabled=false", "logging.sequence_ids=false",
+            "parallel.timeout_s=8", f"run.dir={tmp_path}"]
+    agent = _torchrun_popen(2, args)
+    try:
+        _wait_for(lambda: _logged_steps(tmp_path) >= 2, 180)
+        hung = _workers(agent)[-1]
+        os.kill(hung, signal.SIGSTOP)
+        start = time.time()
+        out, err = agent.communicate(timeout=120)
+        elapsed = time.time() - start
+    finally:
+        agent.kill()
+        subprocess.run(["kill", "-9", str(hung)], capture_output=True)
+    assert agent.returncode != 0
+    assert elapsed < 60, elapsed
+    assert "a peer rank died or stopped responding" in err
+    assert re.search(r"exitcode\s*:\s*3\b", err), err[-2000:]
