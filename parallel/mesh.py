@@ -160,8 +160,9 @@ def run_main(main: Callable[[list[str]], None], argv: list[str]) -> NoReturn:
         if not (dist.is_initialized() and is_peer_failure(exc)):
             raise
         print(f"error: a peer rank died or stopped responding (a collective failed or waited longer than "
-              f"parallel.timeout_s); this rank ends the job. Rerun the same command to resume from the last "
-              f"checkpoint. Detail: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+              f"parallel.timeout_s), so this rank stops. Under torchrun --max-restarts the job restarts and "
+              f"resumes from the last checkpoint by itself; otherwise rerun the same command. "
+              f"Detail: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
         distributed, code = True, PEER_FAILURE_EXIT
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -114,12 +114,10 @@ def _logged_steps(run_dir: Path) -> int:
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     args = [*COMMON, "training.steps=400", "logging.sequence_ids=false", f"run.dir={tmp_path}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "recipes.pretrain", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = Launched([sys.executable, "-m", "recipes.pretrain", *args], tmp_path.parent / f"{tmp_path.name}-logs")
     try:
         _wait_for(lambda: _logged_steps(tmp_path) >= 3, 120)
-        proc.send_signal(signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -129,16 +127,39 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert len(steps) == 1 and 3 <= steps[0] < 400 and steps[0] == read_metrics(tmp_path)[-1]["step"]
 
 
-def _workers(agent: subprocess.Popen) -> list[int]:
+def _workers(agent) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout
     return [int(pid) for pid in out.split()]
 
 
-def _torchrun_popen(nproc: int, args: list[str], extra: list[str] = ()) -> subprocess.Popen:
+class Launched:
+    """A background process whose output goes to files (a pipe nobody reads would fill and block it)."""
+
+    def __init__(self, cmd: list[str], log_dir: Path, **kwargs):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = log_dir / "stdout.log", log_dir / "stderr.log"
+        with self.out_path.open("w") as out, self.err_path.open("w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                         **kwargs)
+        self.pid = self.proc.pid
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        self.proc.wait(timeout=timeout)
+        return self.out_path.read_text(), self.err_path.read_text()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def _torchrun_popen(nproc: int, args: list[str], extra: list[str] = (), log_dir: Path | None = None) -> Launched:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
            "-m", "recipes.pretrain", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("run.dir=")))
+    return Launched(cmd, log_dir or run_dir.parent / f"{run_dir.name}-logs")
 
 
 def test_killed_worker_restarts_and_finishes_on_the_same_curve(uninterrupted, tmp_path):
