@@ -216,3 +216,22 @@ def test_hung_peer_ends_the_job_within_the_timeout(tmp_path):
     assert elapsed < 60, elapsed
     assert "a peer rank died or stopped responding" in err
     assert re.search(r"exitcode\s*:\s*3\b", err), err[-2000:]
+
+
+def test_async_save_commits_checkpoints_that_resume_exactly(uninterrupted, tmp_path):
+    args = [*COMMON, "checkpoint.async_save=true", "checkpoint.interval=2", "checkpoint.keep=2",
+            "logging.sequence_ids=false"]
+    proc = run_torchrun(4, "recipes.pretrain", [*args, f"run.dir={tmp_path / 'a'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "a" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-6", "step-8"]  # keep=2, nothing left half-written
+    for step_dir in folder.iterdir():
+        assert (step_dir / "COMMITTED").is_file() and (step_dir / "manifest.json").is_file()
+    assert_curves_match(read_metrics(uninterrupted), read_metrics(tmp_path / "a"), rtol=0, keys=("loss", "grad_norm"))
+    proc = run_torchrun(2, "recipes.pretrain", [*args, "training.steps=10", f"checkpoint.resume={folder / 'step-6'}",
+                                                f"run.dir={tmp_path / 'b'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = {r["step"]: r for r in read_metrics(tmp_path / "b")}
+    expected = {r["step"]: r for r in read_metrics(uninterrupted)}
+    for step in (7, 8):
+        assert abs(resumed[step]["loss"] - expected[step]["loss"]) <= 1e-4 * expected[step]["loss"]
