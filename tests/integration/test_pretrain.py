@@ -58,3 +58,25 @@ def test_rerun_of_finished_run_does_nothing(tmp_path):
     proc = run_recipe("recipes.pretrain", args)
     assert proc.returncode == 0 and "already complete" in proc.stdout
     assert len(read_metrics(tmp_path)) == 1
+
+
+def test_installed_package_runs_from_any_directory(tmp_path):
+    """A non-editable install finds its configs as package data, wherever the user stands."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tmp_path / "site"
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(repo)], check=True, capture_output=True, timeout=300)
+    shutil.rmtree(repo / "build", ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "recipes.pretrain", *FAST, "training.steps=2", "eval.interval=0",
+                           f"run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert str(target / "recipes" / "_configs") in subprocess.run(
+        [sys.executable, "-c", "import recipes.cli as c; print(c.config_dir())"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=60).stdout
