@@ -51,9 +51,11 @@ def apply_tensor_parallel(model: nn.Module, plan: ModelPlan, tp_mesh: DeviceMesh
         layer_plan.update({name: RowwiseParallel(output_layouts=residual) for name in plan.block.rowwise})
         if sequence_parallel:
             layer_plan.update({name: SequenceParallel() for name in plan.block.norms})
-            layer_plan.update({
-                name: PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n_inputs - 1),
-                                         desired_input_layouts=(Replicate(),) + (None,) * (n_inputs - 1),
-                                         use_local_output=True)
-                for name, n_inputs in plan.block.tp_inputs.items()})
+        # Enter attention / MLP with a Replicate DTensor (gathered from the sequence shard under SP):
+        # backward then reduces the input gradient once per sub-module instead of once per linear.
+        layer_plan.update({
+            name: PrepareModuleInput(input_layouts=(residual,) + (None,) * (n_inputs - 1),
+                                     desired_input_layouts=(Replicate(),) + (None,) * (n_inputs - 1),
+                                     use_local_output=False)
+            for name, n_inputs in plan.block.tp_inputs.items()})
         parallelize_module(block, tp_mesh, layer_plan)

@@ -73,18 +73,21 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
         fail(f"config error at `{key}`: {problem}. Fix: {fix}")
 
 
-def parse_args(name: str, argv: list[str]) -> tuple[DictConfig, bool]:
-    """Overrides and `--cfg` (print the composed config and exit)."""
+def parse_args(name: str, argv: list[str]) -> DictConfig:
+    """The composed config from command-line overrides; `--cfg` prints it and exits."""
     if any(a in ("-h", "--help") for a in argv):
         print(f"usage: python -m recipes.{name} [key=value ...] [--cfg]\n"
               f"Config: {config_dir() / (name + '.yaml')}. `--cfg` prints the composed config.")
         raise SystemExit(0)
-    show = "--cfg" in argv
     overrides = [a for a in argv if a != "--cfg"]
     bad = [a for a in overrides if a.startswith("-")]
     if bad:
         fail(f"unknown option {bad[0]!r}. Fix: pass config overrides as key=value (see --help).")
-    return compose_config(name, overrides), show
+    cfg = compose_config(name, overrides)
+    if "--cfg" in argv:
+        print(OmegaConf.to_yaml(cfg))
+        raise SystemExit(0)
+    return cfg
 
 
 @contextmanager

@@ -115,10 +115,7 @@ def staged(out: Path) -> Iterator[Path]:
 
 def main(argv: list[str]) -> None:
     register_schema()
-    raw, show_config = parse_args("prepare_data", argv)
-    if show_config:
-        print(OmegaConf.to_yaml(raw))
-        return
+    raw = parse_args("prepare_data", argv)
     cfg: PrepareDataConfig = OmegaConf.to_object(raw)
     out = Path(cfg.out).expanduser().resolve()
     with config_errors():

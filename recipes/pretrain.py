@@ -57,10 +57,7 @@ def check_data(cfg: PretrainConfig) -> None:
 
 def main(argv: list[str]) -> None:
     register_schemas()
-    raw, show_config = parse_args("pretrain", argv)
-    if show_config:
-        print(OmegaConf.to_yaml(raw))
-        return
+    raw = parse_args("pretrain", argv)
     cfg: PretrainConfig = OmegaConf.to_object(raw)
     env = read_env()
     with config_errors(env.rank):

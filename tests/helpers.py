@@ -41,3 +41,22 @@ def assert_curves_match(reference: list[dict], got: list[dict], rtol: float = 1e
         for key in keys:
             if key in ref:
                 assert abs(row[key] - ref[key]) <= rtol * abs(ref[key]), (row["step"], key, row[key], ref[key])
+
+
+def single_process_metrics(run_dir: Path, args: list[str]) -> list[dict]:
+    """Metrics of a one-process `recipes.pretrain` run: the reference every layout must match."""
+    proc = run_recipe("recipes.pretrain", [*args, f"run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr
+    return read_metrics(run_dir)
+
+
+def layout_metrics_matching(reference: list[dict], nproc: int, args: list[str], run_dir: Path) -> list[dict]:
+    """Run `args` under torchrun and check its loss, grad-norm, eval-loss and lr curves and token
+    counts against `reference` (1e-4 relative); returns its metrics."""
+    proc = run_torchrun(nproc, "recipes.pretrain", [*args, f"run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = read_metrics(run_dir)
+    assert_curves_match(reference, got, rtol=1e-4, keys=("loss", "grad_norm", "eval_loss", "lr"))
+    # Only one rank writes: one row per step, and the tokens count the whole global batch.
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in reference]
+    return got

@@ -19,7 +19,7 @@ from titan.config import register_schemas
 
 def main(out: str, overrides: list[str]) -> None:
     register_schemas()
-    cfg = OmegaConf.to_object(parse_args("pretrain", overrides)[0])
+    cfg = OmegaConf.to_object(parse_args("pretrain", overrides))
     env = read_env()
     init_process_group(env, timeout_s=120)
     layout = build_layout(resolve_dims(cfg, env), env)

@@ -17,14 +17,6 @@ CFG = ModelConfig(name="debug", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, voc
 RESIDUAL = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def materialized(cfg: ModelConfig = CFG, seed: int = 0) -> Llama:
     """The recipe's path: meta build, to_empty, init."""
     model = build_model(cfg)

@@ -21,14 +21,6 @@ PER_LAYER = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"
              "attention_norm.weight", "ffn_norm.weight")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(cfg: ModelConfig = DEBUG, seed: int = 0) -> Llama:
     model = Llama(cfg)
     init_weights(model, cfg, seed)
