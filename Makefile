@@ -13,7 +13,7 @@ setup:
 
 train: setup
 	@if [ "$(NPROC)" = "1" ]; then $(PYTHON) -m recipes.pretrain $(ARGS); \
-	else $(PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m recipes.pretrain $(ARGS); fi
+	else OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m recipes.pretrain $(ARGS); fi
 
 test: setup
 	$(PYTHON) -m pytest -q -m "not slow"
@@ -22,5 +22,10 @@ test-slow: setup
 	$(PYTHON) -m pytest -q -m slow
 
 bench: setup
-	$(PYTHON) -m benchmarks.throughput
 	$(PYTHON) -m benchmarks.flops
+	$(PYTHON) -m benchmarks.throughput
+	$(PYTHON) -m benchmarks.memory
+	$(PYTHON) -m benchmarks.comm
+	$(PYTHON) -m benchmarks.overhead
+	$(PYTHON) -m benchmarks.pipeline_bubble
+	$(PYTHON) -m benchmarks.checkpoint
