@@ -1,0 +1,634 @@
+"""One torchrun job of `benchmarks.checkpoint`: every measurement of the checkpoint benchmark, in one run.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m benchmarks.checkpoint_worker \
+        --out DIR [--rounds 3] [--saves 2] [--reshape tp2,ddp2] [recipe overrides ...]
+
+The model, optimizer, schedule, loader and `Trainer` are built exactly as `recipes/pretrain.py`
+builds them (`build_layout` -> `build_parallel_model` -> `build_optimizer`), and one training step
+runs so that AdamW's moments exist. Everything is saved and loaded through the framework's own
+`titan.checkpoint.CheckpointManager`. Rank 0 writes `<out>/results.json`.
+
+Phases (each timed span starts and ends with a barrier, so it is the slowest rank's time):
+
+1. save: `CheckpointManager.save` (get_state_dict, DCP planning + write + fsync of each file, then
+   the commit: CRC-32 of every file, manifest, fsyncs, marker, rename, prune) against a raw write
+   by every rank of its own bytes (its local tensors, padded to the exact size of its `.distcp`
+   file) into its own file with one fsync, as DCP's FileSystemWriter does. Rounds alternate order.
+2. load: `CheckpointManager.verify` + `CheckpointManager.load` (what a resume runs) against a raw
+   read by every rank of its own `.distcp` file into a preallocated buffer. The page cache is
+   dropped before each (``/proc/sys/vm/drop_caches``, root only; otherwise both are warm).
+3. reshape: the checkpoint written by this layout loaded (cold cache) into the same layout and
+   into other layouts built in the same processes (``tp2``: tensor parallel 2; ``ddp2``:
+   replicated, each rank reads everything), rounds alternating.
+4. stall: the training loop (the real `Trainer`, with the recipe's `on_step_end`: `poll()` then
+   `save()` every K steps) with a synchronous and with an ``async_save`` manager. The stall is the
+   time the training thread spends inside checkpoint calls: `save()`, `poll()` (the async commit)
+   and the final `wait()`.
+
+A profiler wraps (without editing them) the functions the checkpoint code calls, so each timed
+span also reports where its time went: get_state_dict, dcp.save / dcp.load and their
+write_data / read_data, os.fsync, CRC-32 (file_record), collectives, staging, pruning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.tensor import DTensor
+
+import titan.checkpoint.manager as manager_mod
+import titan.checkpoint.manifest as manifest_mod
+from parallel.mesh import init_process_group, read_env, shutdown
+from recipes.cli import compose_config
+from titan.build import build_layout, build_parallel_model, resolve_dims
+from titan.checkpoint import CheckpointManager
+from titan.config import PretrainConfig, register_schemas, validate
+from titan.data.loader import load_data, train_loader
+from titan.metrics import MetricsLogger, ThroughputMeter
+from titan.optim import build_optimizer, build_scheduler
+from titan.trainer import Trainer, TrainState
+
+# ----------------------------------------------------------------------------------------------
+# profiler: wraps callables by attribute, accumulates seconds per nested label and per thread
+
+
+class Profiler:
+    """Time spent in wrapped functions, keyed by the nesting path ("dcp.save/write_data/fsync").
+    Calls on a background thread are keyed with a ``bg:`` prefix."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.local = threading.local()
+        self.patched: list[tuple[Any, str, Any]] = []
+        self.read_bytes = 0
+        self.lock = threading.Lock()
+
+    def reset(self) -> dict[str, float]:
+        with self.lock:
+            out = dict(self.totals)
+            self.totals.clear()
+            self.counts.clear()
+        return out
+
+    def wrap(self, owner: Any, attr: str, label: str) -> None:
+        original = getattr(owner, attr)
+        prof = self
+
+        def wrapper(*args, **kwargs):
+            stack = getattr(prof.local, "stack", None)
+            if stack is None:
+                stack = prof.local.stack = []
+            prefix = "" if threading.current_thread() is threading.main_thread() else "bg:"
+            key = prefix + "/".join([*stack, label])
+            stack.append(label)
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                stack.pop()
+                with prof.lock:
+                    prof.totals[key] += dt
+                    prof.counts[key] += 1
+
+        # A staticmethod or function on a class must stay unbound.
+        raw = owner.__dict__.get(attr) if isinstance(owner, type) else None
+        setattr(owner, attr, staticmethod(wrapper) if isinstance(raw, staticmethod) else wrapper)
+        self.patched.append((owner, attr, raw if raw is not None else original))
+
+    def install(self) -> None:
+        self.wrap(manager_mod.CheckpointManager, "save", "save")
+        self.wrap(manager_mod.CheckpointManager, "poll", "poll")
+        self.wrap(manager_mod.CheckpointManager, "wait", "wait")
+        self.wrap(manager_mod.CheckpointManager, "verify", "verify")
+        self.wrap(manager_mod.CheckpointManager, "load", "load")
+        self.wrap(manager_mod, "get_state_dict", "get_state_dict")
+        self.wrap(manager_mod, "set_state_dict", "set_state_dict")
+        self.wrap(dcp, "save", "dcp.save")
+        self.wrap(dcp, "async_save", "dcp.async_save")
+        self.wrap(dcp, "load", "dcp.load")
+        self.wrap(_owner_of(FileSystemWriter, "write_data"), "write_data", "write_data")
+        self.wrap(_owner_of(FileSystemWriter, "finish"), "finish", "finish(.metadata)")
+        self.wrap(_owner_of(FileSystemReader, "read_data"), "read_data", "read_data")
+        self.wrap(manager_mod, "file_record", "crc32")
+        self.wrap(manifest_mod, "file_record", "crc32")
+        self.wrap(os, "fsync", "fsync")
+        self.wrap(manager_mod, "_all_gather", "collective")
+        self.wrap(manager_mod, "_barrier", "barrier")
+        self.wrap(shutil, "rmtree", "rmtree")
+        self.wrap(manager_mod.CheckpointManager, "_commit", "commit")
+        from torch.distributed.checkpoint.staging import DefaultStager
+        self.wrap(DefaultStager, "stage", "stage(copy)")
+        self._count_read_bytes()
+
+    def _count_read_bytes(self) -> None:
+        """Bytes a FileSystemReader reads from its files (per read request: the stored chunk)."""
+        owner = _owner_of(FileSystemReader, "read_data")
+        inner = owner.read_data
+        prof = self
+
+        def read_data(reader, plan, planner):
+            n = sum(reader.storage_data[item.storage_index].length for item in plan.items)
+            with prof.lock:
+                prof.read_bytes += n
+            return inner(reader, plan, planner)
+
+        owner.read_data = read_data
+
+    def take_read_bytes(self) -> int:
+        with self.lock:
+            n, self.read_bytes = self.read_bytes, 0
+        return n
+
+
+def _owner_of(cls: type, attr: str) -> type:
+    return next(c for c in cls.__mro__ if attr in c.__dict__)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds from a barrier before `fn` to a barrier after it on every rank: the slowest rank."""
+    barrier()
+    t0 = time.perf_counter()
+    fn()
+    barrier()
+    return time.perf_counter() - t0
+
+
+def drop_caches(rank: int) -> bool:
+    """Flush dirty pages and drop the page cache (root only); True when it worked (on every rank)."""
+    ok = True
+    barrier()
+    if rank == 0:
+        os.sync()
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError:
+            ok = False
+    flags = gather(ok)
+    return all(flags)
+
+
+def local_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """This rank's shards of everything the checkpoint holds (model and optimizer state)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    out: list[torch.Tensor] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, DTensor):
+            out.append(value.to_local().detach().contiguous())
+        elif isinstance(value, torch.Tensor):
+            out.append(value.detach().contiguous())
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(model_sd)
+    walk(optim_sd)
+    return out
+
+
+def raw_write(path: Path, tensors: list[torch.Tensor], size: int) -> None:
+    """Write this rank's tensor bytes, zero-padded to `size`, into one file, then fsync it."""
+    written = 0
+    with open(path, "wb") as f:
+        for t in tensors:
+            if t.numel() == 0 or written >= size:
+                continue
+            view = memoryview(t.view(-1).view(torch.uint8).numpy())
+            view = view[:size - written]
+            f.write(view)
+            written += len(view)
+        if written < size:
+            f.write(bytes(size - written))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def raw_read(paths: list[Path], buffers: list[bytearray]) -> None:
+    """Read whole files into preallocated buffers, unbuffered."""
+    for path, buf in zip(paths, buffers):
+        view = memoryview(buf)
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(buf):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise EOFError(path)
+                done += n
+
+
+def raw_read_fresh(paths: list[Path]) -> None:
+    """Read whole files into newly allocated memory (what a loader that cannot reuse the
+    destination pays: the first touch of every page)."""
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            data = f.read()
+        del data
+
+
+def own_files(folder: Path, rank: int) -> list[Path]:
+    return sorted(folder.glob(f"__{rank}_*.distcp"))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def merge_max(profiles: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the largest value over ranks."""
+    keys = sorted({k for p in profiles for k in p})
+    return {k: max(p.get(k, 0.0) for p in profiles) for k in keys}
+
+
+def mean_profiles(profiles: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for p in profiles for k in p})
+    return {k: sum(p.get(k, 0.0) for p in profiles) / len(profiles) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------
+# phases
+
+
+@dataclasses.dataclass
+class Ctx:
+    cfg: PretrainConfig
+    raw_cfg: Any
+    env: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    trainer: Trainer
+    state: TrainState
+    prof: Profiler
+    out: Path
+    work: Path
+
+    def train_state(self, step: int) -> dict[str, Any]:
+        """What the recipe's `save` hands the manager besides the tensors."""
+        return {"step": step, "tokens": self.state.tokens, "scheduler": self.scheduler.state_dict(),
+                "data": self.loader.state_dict(), "wandb_run_id": None,
+                "rng": torch.get_rng_state().tolist(), "config": OmegaConf.to_container(self.raw_cfg)}
+
+
+SAVE_VARIANTS = ("torch-crc-off", "no-prune", "torch-crc-off+no-prune")
+
+
+def phase_save(ctx: Ctx, rounds: int, keep: int, variants: list[str]) -> dict[str, Any]:
+    """Manager saves and raw writes, in an order that rotates every round. Both leave the same files
+    behind: each raw write goes to a new file and then deletes the ones older than the last `keep`,
+    as the manager prunes. `variants` add sides that measure proposed fixes in the same rounds:
+    ``torch-crc-off`` saves with torch.serialization.set_crc32_options(False) (torch.save then skips
+    the CRC-32 of every tensor record; the manifest still checksums every file), ``no-prune`` with a
+    manager that keeps every checkpoint (no rmtree on the commit path)."""
+    rank = ctx.env.rank
+    raw_dir = ctx.work / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    raw_files: list[Path] = []
+
+    def raw_round() -> None:
+        raw_files.append(raw_dir / f"rank{rank}-{len(raw_files)}.bin")
+        raw_write(raw_files[-1], tensors, own_bytes)
+        while len(raw_files) > keep:
+            raw_files.pop(0).unlink()
+
+    managers = {"save": (CheckpointManager(ctx.work / "save_run", keep=keep, is_writer=ctx.env.is_writer), False)}
+    for name in variants:
+        if name not in SAVE_VARIANTS:
+            raise SystemExit(f"unknown save variant {name!r}: use {', '.join(SAVE_VARIANTS)}")
+        variant_keep = 10**9 if "no-prune" in name else keep
+        managers[name] = (CheckpointManager(ctx.work / f"save_{name}", keep=variant_keep, is_writer=ctx.env.is_writer),
+                          "torch-crc-off" in name)
+    step = 1_000
+    ctx.prof.reset()
+    manager = managers["save"][0]
+    for m, crc_off in managers.values():  # warm-up, untimed
+        with torch_crc(not crc_off):
+            m.save(step, ctx.model, ctx.optimizer, ctx.train_state(step))
+    ckpt = manager.latest()
+    own = own_files(ckpt, rank)
+    own_bytes = sum(p.stat().st_size for p in own)
+    tensors = local_tensors(ctx.model, ctx.optimizer)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    raw_round()  # warm-up
+    ctx.prof.reset()
+
+    sides = ["save", "raw", *variants]
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    profiles: dict[str, list[dict]] = {name: [] for name in managers}
+    for r in range(rounds):
+        for name in sides[r % len(sides):] + sides[:r % len(sides)]:
+            if name == "raw":
+                times[name].append(timed(raw_round))
+                continue
+            step += 1
+            m, crc_off = managers[name]
+            ts = ctx.train_state(step)
+            ctx.prof.reset()
+            with torch_crc(not crc_off):
+                times[name].append(timed(partial(m.save, step, ctx.model, ctx.optimizer, ts)))
+            profiles[name].append(ctx.prof.reset())
+    all_own = gather(own_bytes)
+    all_tensor = gather(tensor_bytes)
+    prof = {name: mean_profiles([merge_max(gather(p)) for p in ps]) for name, ps in profiles.items()}
+    ckpt = manager.latest()
+    return {"checkpoint": str(ckpt), "distcp_bytes_per_rank": all_own, "tensor_bytes_per_rank": all_tensor,
+            "folder_bytes": folder_bytes(ckpt), "save_s": times.pop("save"), "raw_write_s": times.pop("raw"),
+            "save_profile": prof.pop("save"), "keep": keep, "variants_s": times, "variant_profiles": prof}
+
+
+@contextmanager
+def torch_crc(enabled: bool):
+    """torch.save's per-record CRC-32 on or off for the duration."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(enabled)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
+def phase_load(ctx: Ctx, ckpt: Path, rounds: int) -> dict[str, Any]:
+    rank = ctx.env.rank
+    own = own_files(ckpt, rank)
+    buffers = [bytearray(p.stat().st_size) for p in own]
+    CheckpointManager.verify(ckpt)  # warm-up (imports, first-touch of buffers)
+    CheckpointManager.load(ckpt, ctx.model, ctx.optimizer)
+    raw_read(own, buffers)
+    cold = True
+    verify_s, load_s, raw_s, fresh_s, profiles = [], [], [], [], []
+    sides = ("ckpt", "raw", "fresh")
+    for r in range(rounds):
+        for what in sides[r % 3:] + sides[:r % 3]:
+            cold &= drop_caches(rank)
+            if what == "ckpt":
+                ctx.prof.reset()
+                verify_s.append(timed(partial(CheckpointManager.verify, ckpt)))
+                load_s.append(timed(partial(CheckpointManager.load, ckpt, ctx.model, ctx.optimizer)))
+                profiles.append(ctx.prof.reset())
+            elif what == "raw":
+                raw_s.append(timed(partial(raw_read, own, buffers)))
+            else:
+                fresh_s.append(timed(partial(raw_read_fresh, own)))
+    # Verify alone when the files are cached: the cost of the checksum itself, no disk.
+    warm_verify = [timed(partial(CheckpointManager.verify, ckpt)) for _ in range(rounds)]
+    prof = mean_profiles([merge_max(gather(p)) for p in profiles])
+    return {"verify_s": verify_s, "load_s": load_s, "raw_read_s": raw_s, "raw_read_fresh_s": fresh_s, "cold_cache": cold,
+            "verify_warm_s": warm_verify, "load_profile": prof}
+
+
+def build_variant(ctx: Ctx, name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The same model in another layout over the same ranks, built as the recipe builds it."""
+    world = ctx.env.world_size
+    p = ctx.cfg.parallel
+    if name.startswith("tp"):
+        tp = int(name[2:] or world)
+        par = dataclasses.replace(p, tp=tp, dp_shard=-1, dp_replicate=1)
+    elif name.startswith("ddp"):
+        par = dataclasses.replace(p, dp_replicate=int(name[3:] or world), dp_shard=1, tp=1)
+    elif name.startswith("fsdp"):
+        par = dataclasses.replace(p, dp_shard=int(name[4:] or world), dp_replicate=1, tp=1)
+    else:
+        raise SystemExit(f"unknown layout {name!r}: use tpN, ddpN or fsdpN")
+    cfg = dataclasses.replace(ctx.cfg, parallel=par)
+    dims = resolve_dims(cfg, ctx.env)
+    validate(cfg, world, dims.dp_size)
+    layout = build_layout(dims, ctx.env)
+    model, _ = build_parallel_model(cfg, layout, ctx.env.device)
+    return model, build_optimizer(model, cfg.optim)
+
+
+def phase_reshape(ctx: Ctx, ckpt: Path, names: list[str], rounds: int, same_name: str) -> dict[str, Any]:
+    rank = ctx.env.rank
+    targets: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {same_name: (ctx.model, ctx.optimizer)}
+    for name in names:
+        targets[name] = build_variant(ctx, name)
+    for name, (model, optimizer) in targets.items():  # warm-up: optimizer state exists, imports done
+        CheckpointManager.load(ckpt, model, optimizer)
+    ctx.prof.take_read_bytes()
+    times: dict[str, list[float]] = {n: [] for n in targets}
+    read_bytes: dict[str, int] = {}
+    profiles: dict[str, list[dict]] = {n: [] for n in targets}
+    cold = True
+    order = list(targets)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            model, optimizer = targets[name]
+            cold &= drop_caches(rank)
+            ctx.prof.reset()
+            times[name].append(timed(partial(CheckpointManager.load, ckpt, model, optimizer)))
+            profiles[name].append(ctx.prof.reset())
+            read_bytes[name] = ctx.prof.take_read_bytes()
+    # Correctness: every layout holds the same full weights after loading.
+    checks = {}
+    ref = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in ctx.model.state_dict().items()}
+    for name, (model, _) in targets.items():
+        worst = 0.0
+        for k, v in model.state_dict().items():
+            full = v.full_tensor() if isinstance(v, DTensor) else v
+            worst = max(worst, (full - ref[k]).abs().max().item() if full.numel() else 0.0)
+        checks[name] = worst
+    return {"load_s": times, "cold_cache": cold, "read_bytes_per_rank": {n: gather(b) for n, b in read_bytes.items()},
+            "max_abs_diff": checks,
+            "profile": {n: mean_profiles([merge_max(gather(p)) for p in ps]) for n, ps in profiles.items()}}
+
+
+def phase_stall(ctx: Ctx, saves: int, interval: int, keep: int) -> dict[str, Any]:
+    """The recipe's loop with a sync and an async manager; per step: train time and checkpoint calls."""
+    return {"interval": interval, "saves": saves,
+            **{mode: stall_run(ctx, mode == "async", saves, interval, keep) for mode in ("sync", "async")}}
+
+
+def stall_run(ctx: Ctx, async_save: bool, saves: int, interval: int, keep: int) -> dict[str, Any]:
+    """`saves` saves every `interval` steps, then `interval` more steps for the last one to commit,
+    then the recipe's final `wait()`."""
+    manager = CheckpointManager(ctx.work / f"stall_{'async' if async_save else 'sync'}", keep=keep,
+                                is_writer=ctx.env.is_writer, async_save=async_save)
+    start = ctx.state.step
+    cfg = dataclasses.replace(ctx.cfg, training=dataclasses.replace(ctx.cfg.training,
+                                                                    steps=start + interval * (saves + 1)))
+    records: list[dict[str, Any]] = []
+    last = [0.0]
+
+    def on_step_end(s: TrainState) -> bool:  # the recipe's: poll, then save on the interval
+        t0 = time.perf_counter()
+        manager.poll()
+        t1 = time.perf_counter()
+        saved = (s.step - start) % interval == 0 and s.step - start <= interval * saves
+        if saved:
+            manager.save(s.step, ctx.model, ctx.optimizer, ctx.train_state(s.step))
+        t2 = time.perf_counter()
+        records.append({"step": s.step - start, "train": t0 - last[0], "poll": t1 - t0, "save": t2 - t1,
+                        "saved": saved})
+        last[0] = time.perf_counter()
+        return False
+
+    trainer = Trainer(cfg, ctx.model, ctx.optimizer, ctx.scheduler, ctx.trainer.batches, lambda: iter(()),
+                      ctx.trainer.par, ctx.env.device, MetricsLogger([]), ThroughputMeter(1, ctx.env.world_size, 1.0),
+                      ctx.state, on_step_end)
+    barrier()
+    ctx.prof.reset()
+    began = time.perf_counter()
+    last[0] = began
+    trainer.fit()
+    t0 = time.perf_counter()
+    manager.wait()
+    final_wait = time.perf_counter() - t0
+    barrier()
+    wall = time.perf_counter() - began
+    prof = ctx.prof.reset()
+    committed = [p.name for p in manager.committed()]
+    all_records = gather(records)
+    merged = [{k: (all_records[0][i][k] if k in ("step", "saved") else max(r[i][k] for r in all_records))
+               for k in records[i]} for i in range(len(records))]
+    if manager.async_group is not None:
+        dist.destroy_process_group(manager.async_group)
+    return {"records": merged, "final_wait": max(gather(final_wait)), "wall": wall,
+            "profile": merge_max(gather(prof)), "committed": committed}
+
+
+def measure_step_time(ctx: Ctx, steps: int = 2) -> float:
+    times = []
+    for _ in range(steps):
+        times.append(timed(ctx.trainer.train_step))
+        ctx.state.step += 1
+    return min(times)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_context(overrides: list[str], work: Path, out: Path) -> tuple[Ctx, Any]:
+    """Config, process group, data, model, optimizer, schedule, loader and Trainer, as the recipe
+    builds them; the profiler installed; an empty `work` folder."""
+    register_schemas()
+    raw_cfg = compose_config("pretrain", overrides)
+    cfg: PretrainConfig = OmegaConf.to_object(raw_cfg)
+    env = read_env()
+    dims = resolve_dims(cfg, env)
+    validate(cfg, env.world_size, dims.dp_size)
+    torch.set_num_threads(cfg.training.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
+    init_process_group(env, cfg.parallel.timeout_s)
+    if not dist.is_initialized():
+        raise SystemExit("run under torchrun with 2 or more ranks")
+    data = load_data(cfg.data, cfg.training.seq_len)
+    layout = build_layout(dims, env)
+    model, par = build_parallel_model(cfg, layout, env.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
+    loader = train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size)
+    state = TrainState()
+    trainer = Trainer(cfg, model, optimizer, scheduler, iter(loader), lambda: iter(()), par, env.device,
+                      MetricsLogger([]), ThroughputMeter(1, env.world_size, 1.0), state)
+    prof = Profiler()
+    prof.install()
+    if env.is_writer:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    barrier()
+    return Ctx(cfg, raw_cfg, env, model, optimizer, scheduler, loader, trainer, state, prof, out, work), dims
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for results.json")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the checkpoints (same disk as runs)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--saves", type=int, default=2, help="saves per mode in the stall phase")
+    parser.add_argument("--interval", type=int, default=0, help="steps between saves in the stall phase (0: auto)")
+    parser.add_argument("--reshape", default="tp2", help="comma-separated layouts to load into: tpN, ddpN, fsdpN")
+    parser.add_argument("--keep", type=int, default=2, help="CheckpointManager keep (checkpoint.keep's default)")
+    parser.add_argument("--save-variants", default="",
+                        help=f"comma-separated extra save sides measuring proposed fixes: {', '.join(SAVE_VARIANTS)}")
+    parser.add_argument("--phases", default="save,load,reshape,stall",
+                        help="comma-separated; save always runs (the others use its checkpoint)")
+    args, overrides = parser.parse_known_args()
+    args.reshape = [n for n in args.reshape.split(",") if n]
+    args.phases = args.phases.split(",")
+    args.save_variants = [n for n in args.save_variants.split(",") if n]
+
+    began = time.perf_counter()
+    ctx, dims = build_context(overrides, args.work, args.out)
+    env, model = ctx.env, ctx.model
+    step_s = measure_step_time(ctx)  # also creates AdamW's state
+    n_params = sum(p.numel() for p in model.parameters())  # DTensor numel is the global size
+    result: dict[str, Any] = {"world_size": env.world_size, "keep": args.keep,
+                              "layout": f"fsdp{dims.dp_shard}" if dims.tp == 1 else f"dp{dims.dp_size}xtp{dims.tp}",
+                              "params": n_params, "train_step_s": step_s, "setup_s": time.perf_counter() - began}
+    log = print if env.is_writer else (lambda *a, **k: None)
+    result["loadavg"] = {"start": os.getloadavg()[0]}
+    log(f"  setup {result['setup_s']:.0f}s, train step {step_s:.2f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    t0 = time.perf_counter()
+    # The other phases use its checkpoint and timings.
+    result["save"] = phase_save(ctx, args.rounds, args.keep, args.save_variants)
+    ckpt = Path(result["save"]["checkpoint"])
+    log(f"  save phase {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
+    if "load" in args.phases:
+        t0 = time.perf_counter()
+        result["load"] = phase_load(ctx, ckpt, args.rounds)
+        log(f"  load phase {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
+    if "reshape" in args.phases and args.reshape:
+        t0 = time.perf_counter()
+        result["reshape"] = phase_reshape(ctx, ckpt, args.reshape, args.rounds, result["layout"])
+        log(f"  reshape phase {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
+    if "stall" in args.phases:
+        t0 = time.perf_counter()
+        save_s = statistics.median(result["save"]["save_s"])
+        # Long enough for a background write to finish before the next save; rank 0's choice for all.
+        interval = gather(args.interval or max(3, math.ceil(2.0 * save_s / step_s) + 1))[0]
+        result["stall"] = phase_stall(ctx, args.saves, interval, args.keep)
+        log(f"  stall phase {time.perf_counter() - t0:.0f}s (interval {interval} steps), load average "
+            f"{os.getloadavg()[0]:.1f}", flush=True)
+    result["total_s"] = time.perf_counter() - began
+    result["loadavg"]["end"] = os.getloadavg()[0]
+    if env.is_writer:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(result, indent=1))
+        shutil.rmtree(args.work, ignore_errors=True)
+    barrier()
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
