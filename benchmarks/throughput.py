@@ -37,7 +37,9 @@ The reported ratios are the medians over rounds of the per-round ratios.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
+import math
 import os
 import resource
 import statistics
@@ -215,7 +217,7 @@ def command(name: str, args, out: Path) -> tuple[list[str], Path]:
 @dataclass
 class Run:
     rates: list[float]  # tokens/s of every step, as the contender measured it
-    others: list[float]  # cores used by other processes during each step (NaN: unknown)
+    others: list[float]  # cores other processes used during each step (inf: unknown, 0: not measurable)
     wall_s: float
 
     def timed(self, warmup: int) -> list[tuple[float, float]]:
@@ -227,12 +229,7 @@ class Run:
 
 def sample_at(samples: list[tuple[float, float, float]], t: float) -> tuple[float, float, float]:
     """The last sample taken at or before time t (the first one if none)."""
-    best = samples[0]
-    for s in samples:
-        if s[0] > t:
-            break
-        best = s
-    return best
+    return samples[max(0, bisect.bisect_right(samples, t, key=lambda s: s[0]) - 1)]
 
 
 def watch(name: str, args, tmp: Path, poll_s: float = 0.02) -> Run:
@@ -276,9 +273,11 @@ def watch(name: str, args, tmp: Path, poll_s: float = 0.02) -> Run:
         # A window of at least 0.5 s, so that /proc/stat's 10 ms ticks stay small against it.
         start = sample_at(samples, min(previous_end, seen - 0.5))
         span = end[0] - start[0]
-        other = ((end[1] - start[1]) - (end[2] - start[2])) / span if span > 0 else float("nan")
+        other = ((end[1] - start[1]) - (end[2] - start[2])) / span if span > 0 else math.nan
+        if math.isnan(samples[0][1]):
+            other = 0.0  # no /proc/stat (not Linux): nothing to filter by
         rates.append(float(record["tokens_per_s"]))
-        others.append(max(0.0, other) if other == other else float("inf"))  # unknown counts as disturbed
+        others.append(math.inf if math.isnan(other) else max(0.0, other))  # unknown counts as disturbed
         previous_end = seen
     if len(rates) != args.steps:
         raise SystemExit(f"{name} wrote {len(rates)} step records, expected {args.steps}")
