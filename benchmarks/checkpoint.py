@@ -1,18 +1,23 @@
 """Checkpoint I/O against raw file I/O, reshaped loads, and the training stall of async saves.
 
-    python -m benchmarks.checkpoint [--ranks 2] [--rounds 3] [--saves 2] [--reshape tp2,ddp2]
-                                    [--seq-len 16] [--threads 1] [--work-dir DIR] [--model-args "..."]
+    python -m benchmarks.checkpoint [--ranks 2] [--rounds 7] [--saves 3] [--reshape tp2,ddp2] [--keep 2]
+                                    [--save-variants torch-crc-off,no-prune,torch-crc-off+no-prune]
+                                    [--phases save,load,reshape,stall] [--seq-len 16] [--threads 1]
+                                    [--work-dir DIR] [--model-args "..."] [--json FILE]
 
 One torchrun job (`benchmarks/checkpoint_worker.py`, FSDP over ``--ranks`` ranks, gloo, fp32)
 builds the model and AdamW exactly as `recipes/pretrain.py` does, trains a step so the optimizer
-state exists, and drives `titan.checkpoint.CheckpointManager`. The default model (~80M
-parameters, ~0.96 GB of parameters + AdamW moments) makes checkpoint I/O dominate. Printed ratios,
-every one measured in this run, rounds alternating so that drift of the disk hits both sides:
+state exists, and drives `titan.checkpoint.CheckpointManager`. The default model (80.0M
+parameters: 0.96 GB of parameters + AdamW moments) makes checkpoint I/O dominate. Every ratio is
+measured in this run; the sides of a comparison take turns, in an order that rotates each round,
+and each ratio is the median over rounds (the disk of a VM has slow spells):
 
 1. save: raw write time / `CheckpointManager.save` time (= save bytes/s over raw bytes/s) for the
    same bytes and the same writers: each rank writes its local tensors, padded to the exact size of
-   its `.distcp` file, into its own file and fsyncs it (DCP's FileSystemWriter fsyncs each file).
-   Goal >= 0.7.
+   its `.distcp` file, into a new file of its own, fsyncs it (DCP's FileSystemWriter fsyncs each
+   file) and deletes the files older than the last ``--keep``, as the manager prunes. Each side
+   starts after a sync and a page-cache drop. Goal >= 0.7. ``--save-variants`` adds sides that
+   measure proposed fixes in the same rounds.
    load: raw read time / (`CheckpointManager.verify` + `CheckpointManager.load`) time, each rank
    reading its own `.distcp` file into a preallocated buffer; the page cache is dropped before each
    side (root only: otherwise both read from a warm cache, and the report says so). Goal >= 0.7.
@@ -21,11 +26,12 @@ every one measured in this run, rounds alternating so that drift of the disk hit
    / load time into the layout that wrote the checkpoint, cold cache. Goal <= 1.5.
 3. stall: time the training thread spends in checkpoint calls per save, async_save / sync, with the
    recipe's loop (`poll()` every step, `save()` every K steps; async commits happen in `poll()` or
-   the final `wait()`, and both count). Goal <= 0.2.
+   the final `wait()`, and both count). Goal <= 0.2. The `save()` call alone is shown too.
 
 Each timed span is bracketed by barriers (the slowest rank's time). A profile of where the time
 goes (get_state_dict, DCP planning / write_data / read_data, fsync, CRC-32, collectives,
-staging copies, pruning) is printed for each part.
+staging copies, pruning) is printed for each part, and so is the CPU other processes used during
+each phase (a shared machine makes the CPU-bound parts read high).
 """
 
 from __future__ import annotations
@@ -139,27 +145,31 @@ def report_load(r: dict, goal: float) -> tuple[float, bool]:
           f"goal >= {goal}: {verdict(ratio >= goal)}")
     print("    where one verify + load goes (mean over rounds, slowest rank per item):")
     print("\n".join(profile_lines(ld["load_profile"])))
+    verify_warm = statistics.mean(ld["verify_warm_s"])
+    print(f"    verify (CRC-32 of every file, each rank a share): cold {verify:.2f} s = "
+          f"{verify / (verify + load):.0%} of verify + load; warm {verify_warm:.2f} s "
+          f"({distcp / verify_warm / GB:.2f} GB/s over both ranks)")
     return ratio, ratio >= goal
 
 
 def report_reshape(r: dict, goal: float) -> list[tuple]:
     rs = r["reshape"]
     same = r["layout"]
-    base = statistics.mean(rs["load_s"][same])
+    base = statistics.median(rs["load_s"][same])
     base_bytes = statistics.mean(rs["read_bytes_per_rank"][same])
     cache = "cold cache" if rs["cold_cache"] else "WARM cache (could not drop it)"
     print(f"\n2. reshaped load: checkpoint of {same} loaded into each layout ({cache}), "
           f"{len(rs['load_s'][same])} rounds, CheckpointManager.load")
-    print(f"    {'layout':<8s} {'load s (rounds)':<30s} {'mean':>6s} {'/ same':>7s} {'read MB/rank':>13s} "
+    print(f"    {'layout':<8s} {'load s (rounds)':<30s} {'median':>6s} {'/ same':>7s} {'read MB/rank':>13s} "
           f"{'s per byte / same':>17s} {'max |diff|':>10s}")
     out = []
     for name, times in rs["load_s"].items():
-        mean = statistics.mean(times)
-        ratio = mean / base
+        mid = statistics.median(times)
+        ratio = mid / base
         read = statistics.mean(rs["read_bytes_per_rank"][name])
         per_byte = ratio / (read / base_bytes)
         shown = "/".join(f"{b / 1e6:.0f}" for b in rs["read_bytes_per_rank"][name])
-        print(f"    {name:<8s} {fmt_list(times):<30s} {mean:6.2f} {ratio:7.3f} {shown:>13s} {per_byte:17.3f} "
+        print(f"    {name:<8s} {fmt_list(times):<30s} {mid:6.2f} {ratio:7.3f} {shown:>13s} {per_byte:17.3f} "
               f"{rs['max_abs_diff'][name]:10.2e}")
         if name != same:
             out.append((f"reshaped load {same}->{name} / same", "<=", goal, ratio, ratio <= goal))
@@ -245,10 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ncheckpoint: {r['params'] / 1e6:.1f}M params, fp32 + AdamW, {r['world_size']} ranks ({r['layout']}), "
           f"train step {r['train_step_s']:.2f} s, {os.cpu_count()} CPUs, work dir on "
           f"{args.work_dir or tempfile.gettempdir()}")
-    busy = max(r["loadavg"].values())
-    if busy > (os.cpu_count() or 1) + 0.5:
-        print(f"WARNING: 1-minute load average reached {busy:.1f} on {os.cpu_count()} CPUs: other processes shared "
-              "the machine, so CPU-bound costs (serialization, CRC-32) read high; rerun on a quiet machine.")
+    others = r["other_cpu"]
+    print("other processes on the machine, average cores busy per phase: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in others.items()))
+    if max(others.values()) > 0.25:
+        print("WARNING: other processes shared the CPUs in some phases; CPU-bound costs (serialization, CRC-32, "
+              "copies) read high there; rerun on a quiet machine for clean numbers.")
     results = []
     results.append(("save throughput / raw write", ">=", args.save_goal, *report_save(r, args.save_goal)))
     if "load" in r:

@@ -1,7 +1,8 @@
 """One torchrun job of `benchmarks.checkpoint`: every measurement of the checkpoint benchmark, in one run.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m benchmarks.checkpoint_worker \
-        --out DIR [--rounds 3] [--saves 2] [--reshape tp2,ddp2] [recipe overrides ...]
+        --out DIR --work DIR [--rounds 7] [--saves 3] [--reshape tp2,ddp2] [--keep 2] \
+        [--save-variants ...] [--phases save,load,reshape,stall] [recipe overrides ...]
 
 The model, optimizer, schedule, loader and `Trainer` are built exactly as `recipes/pretrain.py`
 builds them (`build_layout` -> `build_parallel_model` -> `build_optimizer`), and one training step
@@ -13,13 +14,17 @@ Phases (each timed span starts and ends with a barrier, so it is the slowest ran
 1. save: `CheckpointManager.save` (get_state_dict, DCP planning + write + fsync of each file, then
    the commit: CRC-32 of every file, manifest, fsyncs, marker, rename, prune) against a raw write
    by every rank of its own bytes (its local tensors, padded to the exact size of its `.distcp`
-   file) into its own file with one fsync, as DCP's FileSystemWriter does. Rounds alternate order.
+   file) into a new file with one fsync, as DCP's FileSystemWriter does, then deleting the files
+   older than the last `keep`. The order rotates every round; each side starts after a sync and a
+   page-cache drop.
 2. load: `CheckpointManager.verify` + `CheckpointManager.load` (what a resume runs) against a raw
-   read by every rank of its own `.distcp` file into a preallocated buffer. The page cache is
-   dropped before each (``/proc/sys/vm/drop_caches``, root only; otherwise both are warm).
+   read by every rank of its own `.distcp` file into a preallocated buffer (and, for reference,
+   into new memory). The page cache is dropped before each (``/proc/sys/vm/drop_caches``, root
+   only; otherwise all are warm, and the result says so).
 3. reshape: the checkpoint written by this layout loaded (cold cache) into the same layout and
    into other layouts built in the same processes (``tp2``: tensor parallel 2; ``ddp2``:
-   replicated, each rank reads everything), rounds alternating.
+   replicated, each rank reads everything), order rotating; then every layout's full weights are
+   compared with the same layout's.
 4. stall: the training loop (the real `Trainer`, with the recipe's `on_step_end`: `poll()` then
    `save()` every K steps) with a synchronous and with an ``async_save`` manager. The stall is the
    time the training thread spends inside checkpoint calls: `save()`, `poll()` (the async commit)
@@ -78,9 +83,7 @@ class Profiler:
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
         self.local = threading.local()
-        self.patched: list[tuple[Any, str, Any]] = []
         self.read_bytes = 0
         self.lock = threading.Lock()
 
@@ -88,7 +91,6 @@ class Profiler:
         with self.lock:
             out = dict(self.totals)
             self.totals.clear()
-            self.counts.clear()
         return out
 
     def wrap(self, owner: Any, attr: str, label: str) -> None:
@@ -110,12 +112,10 @@ class Profiler:
                 stack.pop()
                 with prof.lock:
                     prof.totals[key] += dt
-                    prof.counts[key] += 1
 
         # A staticmethod or function on a class must stay unbound.
         raw = owner.__dict__.get(attr) if isinstance(owner, type) else None
         setattr(owner, attr, staticmethod(wrapper) if isinstance(raw, staticmethod) else wrapper)
-        self.patched.append((owner, attr, raw if raw is not None else original))
 
     def install(self) -> None:
         self.wrap(manager_mod.CheckpointManager, "save", "save")
@@ -274,6 +274,35 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
+class OtherCpu:
+    """User-space CPU time that processes other than this job's ranks used, from a start to `stop()`
+    (collective): the machine's user time (/proc/stat) minus every rank's own user time (all its
+    threads). Kernel time is left out: the writeback of this job's own files runs in kernel threads."""
+
+    def __init__(self) -> None:
+        barrier()
+        self.t0, self.busy0, self.own0 = time.perf_counter(), machine_busy_s(), own_cpu_s()
+
+    def stop(self) -> float:
+        """Average number of cores the other processes kept busy."""
+        own = sum(gather(own_cpu_s() - self.own0))
+        busy = machine_busy_s() - self.busy0
+        return max(0.0, busy - own) / (time.perf_counter() - self.t0)
+
+
+def machine_busy_s() -> float:
+    """Seconds all CPUs spent in user space since boot (user + nice)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:3]]
+    except (OSError, ValueError):
+        return 0.0
+    return sum(fields) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    return os.times().user
+
+
 def merge_max(profiles: list[dict[str, float]]) -> dict[str, float]:
     """Per key, the largest value over ranks."""
     keys = sorted({k for p in profiles for k in p})
@@ -315,9 +344,9 @@ SAVE_VARIANTS = ("torch-crc-off", "no-prune", "torch-crc-off+no-prune")
 
 
 def phase_save(ctx: Ctx, rounds: int, keep: int, variants: list[str]) -> dict[str, Any]:
-    """Manager saves and raw writes, in an order that rotates every round. Both leave the same files
-    behind: each raw write goes to a new file and then deletes the ones older than the last `keep`,
-    as the manager prunes. `variants` add sides that measure proposed fixes in the same rounds:
+    """Manager saves and raw writes, in an order that rotates every round, each after a sync and a
+    page-cache drop (when allowed). Both leave the same files behind: each raw write goes to a new
+    file and then deletes the ones older than the last `keep`, as the manager prunes. `variants` add sides that measure proposed fixes in the same rounds:
     ``torch-crc-off`` saves with torch.serialization.set_crc32_options(False) (torch.save then skips
     the CRC-32 of every tensor record; the manifest still checksums every file), ``no-prune`` with a
     manager that keeps every checkpoint (no rmtree on the commit path)."""
@@ -358,6 +387,8 @@ def phase_save(ctx: Ctx, rounds: int, keep: int, variants: list[str]) -> dict[st
     profiles: dict[str, list[dict]] = {name: [] for name in managers}
     for r in range(rounds):
         for name in sides[r % len(sides):] + sides[:r % len(sides)]:
+            # Same start for every side: nothing dirty left to flush, no page cache to reclaim first.
+            drop_caches(rank)
             if name == "raw":
                 times[name].append(timed(raw_round))
                 continue
@@ -596,32 +627,33 @@ def main() -> None:
                               "layout": f"fsdp{dims.dp_shard}" if dims.tp == 1 else f"dp{dims.dp_size}xtp{dims.tp}",
                               "params": n_params, "train_step_s": step_s, "setup_s": time.perf_counter() - began}
     log = print if env.is_writer else (lambda *a, **k: None)
-    result["loadavg"] = {"start": os.getloadavg()[0]}
-    log(f"  setup {result['setup_s']:.0f}s, train step {step_s:.2f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
+    log(f"  setup {result['setup_s']:.0f}s, train step {step_s:.2f}s", flush=True)
+    result["other_cpu"] = {}
 
-    t0 = time.perf_counter()
+    def run_phase(name: str, fn: Callable[[], Any]) -> Any:
+        """Run a phase; record how many cores other processes on the machine used meanwhile."""
+        meter = OtherCpu()
+        t0 = time.perf_counter()
+        value = fn()
+        result["other_cpu"][name] = meter.stop()
+        log(f"  {name} phase {time.perf_counter() - t0:.0f}s, other processes used "
+            f"{result['other_cpu'][name]:.2f} cores", flush=True)
+        return value
+
     # The other phases use its checkpoint and timings.
-    result["save"] = phase_save(ctx, args.rounds, args.keep, args.save_variants)
+    result["save"] = run_phase("save", partial(phase_save, ctx, args.rounds, args.keep, args.save_variants))
     ckpt = Path(result["save"]["checkpoint"])
-    log(f"  save phase {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
     if "load" in args.phases:
-        t0 = time.perf_counter()
-        result["load"] = phase_load(ctx, ckpt, args.rounds)
-        log(f"  load phase {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
+        result["load"] = run_phase("load", partial(phase_load, ctx, ckpt, args.rounds))
     if "reshape" in args.phases and args.reshape:
-        t0 = time.perf_counter()
-        result["reshape"] = phase_reshape(ctx, ckpt, args.reshape, args.rounds, result["layout"])
-        log(f"  reshape phase {time.perf_counter() - t0:.0f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
+        result["reshape"] = run_phase("reshape", partial(phase_reshape, ctx, ckpt, args.reshape, args.rounds,
+                                                         result["layout"]))
     if "stall" in args.phases:
-        t0 = time.perf_counter()
         save_s = statistics.median(result["save"]["save_s"])
         # Long enough for a background write to finish before the next save; rank 0's choice for all.
         interval = gather(args.interval or max(3, math.ceil(2.0 * save_s / step_s) + 1))[0]
-        result["stall"] = phase_stall(ctx, args.saves, interval, args.keep)
-        log(f"  stall phase {time.perf_counter() - t0:.0f}s (interval {interval} steps), load average "
-            f"{os.getloadavg()[0]:.1f}", flush=True)
+        result["stall"] = run_phase("stall", partial(phase_stall, ctx, args.saves, interval, args.keep))
     result["total_s"] = time.perf_counter() - began
-    result["loadavg"]["end"] = os.getloadavg()[0]
     if env.is_writer:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(result, indent=1))
