@@ -6,17 +6,26 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 FAST = ["model=debug", "training.seq_len=64", "training.global_batch_size=8", "training.micro_batch_size=4",
         "training.num_threads=1", "logging.progress_bar=false"]
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(extra: dict | None = None) -> dict:
+    """One thread per process, W&B quiet, and this source tree importable whatever is installed."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONPATH": path, **(extra or {})}
+
+
 def run_recipe(module: str, args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m <module> args` in a subprocess with one thread; never hangs past `timeout`."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+                          timeout=timeout, env=subprocess_env(env))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -27,10 +36,9 @@ def run_torchrun(nproc: int, module: str | None, args: list[str], timeout: float
                  env: dict | None = None, script: str | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N (-m <module> | <script>) args`, one thread per rank,
     with a timeout."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **(env or {})}
     target = [script] if script else ["-m", module]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(env))
 
 
 def assert_curves_match(reference: list[dict], got: list[dict], rtol: float = 1e-4,
@@ -60,3 +68,43 @@ def layout_metrics_matching(reference: list[dict], nproc: int, args: list[str], 
     # Only one rank writes: one row per step, and the tokens count the whole global batch.
     assert [r["tokens"] for r in got] == [r["tokens"] for r in reference]
     return got
+
+
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def child_pids(agent) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+class Launched:
+    """A background process whose output goes to files (a pipe nobody reads would fill and block it)."""
+
+    def __init__(self, cmd: list[str], log_dir: Path, env: dict | None = None, **kwargs):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = log_dir / "stdout.log", log_dir / "stderr.log"
+        with self.out_path.open("w") as out, self.err_path.open("w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=subprocess_env(env),
+                                         **kwargs)
+        self.pid = self.proc.pid
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        self.proc.wait(timeout=timeout)
+        return self.out_path.read_text(), self.err_path.read_text()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()

@@ -122,9 +122,8 @@ def _parallelize_part(part: nn.Module, cfg: PretrainConfig, dims: ParallelDims, 
 
 def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.device) -> tuple[nn.Module, ParallelContext]:
     """The model (or this rank's pipeline stages) parallelized and initialized from the seed, and
-    what the trainer needs to drive it."""
+    what the trainer needs to drive it. The layout must have passed `check_layout`."""
     dims, mesh = layout.dims, layout.mesh
-    check_layout(cfg, dims, device)
     use_loss_parallel = dims.tp > 1 and cfg.parallel.loss_parallel
     tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
     # Under FSDP, mixed precision comes from its policy; otherwise from autocast.

@@ -31,6 +31,11 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Mixed-precision autocast to `dtype`, or a disabled one when it is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def split_tokens(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = batch["tokens"].to(device, non_blocking=True)
     return tokens[:, :-1], tokens[:, 1:]
@@ -46,8 +51,7 @@ class MicroBatchRunner:
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         inputs, targets = split_tokens(batch, self.device)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with autocast(self.device, self.autocast_dtype):
             logits = self.model(inputs)
         return token_loss_sum(logits, targets)
 
@@ -100,9 +104,7 @@ class PipelineRunner:
         self.loss_fn.scale = scale
         losses: list[torch.Tensor] = []
         run = self.schedule.step if backward else self.schedule.eval
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                  enabled=self.autocast_dtype is not None)
-        with self.loss_context(), autocast:
+        with self.loss_context(), autocast(self.device, self.autocast_dtype):
             run(*args, target=targets if self.has_last else None, losses=losses)
         total = torch.zeros((), device=self.device)
         for loss in losses:

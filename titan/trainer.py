@@ -8,8 +8,8 @@ parts, so the number is the same whatever the layout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch

@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from parallel.mesh import init_process_group, read_env, run_main
 from recipes.cli import parse_args
-from titan.build import build_layout, build_parallel_model, resolve_dims
+from titan.build import build_layout, build_parallel_model, check_layout, resolve_dims
 from titan.config import register_schemas
 
 
@@ -22,7 +22,9 @@ def main(out: str, overrides: list[str]) -> None:
     cfg = OmegaConf.to_object(parse_args("pretrain", overrides))
     env = read_env()
     init_process_group(env, timeout_s=120)
-    layout = build_layout(resolve_dims(cfg, env), env)
+    dims = resolve_dims(cfg, env)
+    check_layout(cfg, dims, env.device)
+    layout = build_layout(dims, env)
     model, _ = build_parallel_model(cfg, layout, env.device)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.rank == 0:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_curves_match, read_metrics, run_recipe, run_torchrun
+from tests.helpers import (Launched, assert_curves_match, child_pids, logged_steps, read_metrics, run_recipe,
+                           run_torchrun, wait_for)
 
 COMMON = ["model=debug", "model.n_layers=4", "training.steps=8", "training.seq_len=64", "training.global_batch_size=16",
           "training.micro_batch_size=2", "training.num_threads=1", "logging.log_interval=1", "eval.interval=0",
@@ -100,23 +101,11 @@ def test_checkpoint_of_another_model_shape_is_refused(uninterrupted, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def _wait_for(predicate, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
-def _logged_steps(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
-
-
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     args = [*COMMON, "training.steps=400", "logging.sequence_ids=false", f"run.dir={tmp_path}"]
     proc = Launched([sys.executable, "-m", "recipes.pretrain", *args], tmp_path.parent / f"{tmp_path.name}-logs")
     try:
-        _wait_for(lambda: _logged_steps(tmp_path) >= 3, 120)
+        wait_for(lambda: logged_steps(tmp_path) >= 3, 120)
         os.kill(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -125,34 +114,6 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert "preempted" in out
     steps = [int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*")]
     assert len(steps) == 1 and 3 <= steps[0] < 400 and steps[0] == read_metrics(tmp_path)[-1]["step"]
-
-
-def _workers(agent) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
-
-
-class Launched:
-    """A background process whose output goes to files (a pipe nobody reads would fill and block it)."""
-
-    def __init__(self, cmd: list[str], log_dir: Path, **kwargs):
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.out_path, self.err_path = log_dir / "stdout.log", log_dir / "stderr.log"
-        with self.out_path.open("w") as out, self.err_path.open("w") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                         **kwargs)
-        self.pid = self.proc.pid
-
-    def communicate(self, timeout: float) -> tuple[str, str]:
-        self.proc.wait(timeout=timeout)
-        return self.out_path.read_text(), self.err_path.read_text()
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        self.proc.kill()
 
 
 def _torchrun_popen(nproc: int, args: list[str], extra: list[str] = (), log_dir: Path | None = None) -> Launched:
@@ -166,8 +127,8 @@ def test_killed_worker_restarts_and_finishes_on_the_same_curve(uninterrupted, tm
     args = [*COMMON, "checkpoint.interval=2", "logging.sequence_ids=false", f"run.dir={tmp_path}"]
     agent = _torchrun_popen(4, args, ["--max-restarts=1"])
     try:
-        _wait_for(lambda: _logged_steps(tmp_path) >= 5, 180)
-        os.kill(_workers(agent)[-1], signal.SIGKILL)
+        wait_for(lambda: logged_steps(tmp_path) >= 5, 180)
+        os.kill(child_pids(agent)[-1], signal.SIGKILL)
         out, err = agent.communicate(timeout=300)
     finally:
         agent.kill()
@@ -183,9 +144,9 @@ def test_kill_during_save_keeps_the_previous_commit(tmp_path):
     agent = _torchrun_popen(2, args)
     folder = tmp_path / "checkpoints"
     try:
-        _wait_for(lambda: (folder / "step-3" / "COMMITTED").is_file(), 180)
-        _wait_for(lambda: (folder / ".tmp-step-6").exists(), 180)  # the next save has started
-        for pid in _workers(agent):
+        wait_for(lambda: (folder / "step-3" / "COMMITTED").is_file(), 180)
+        wait_for(lambda: (folder / ".tmp-step-6").exists(), 180)  # the next save has started
+        for pid in child_pids(agent):
             os.kill(pid, signal.SIGKILL)
         agent.communicate(timeout=120)
     finally:
@@ -203,8 +164,8 @@ def test_hung_peer_ends_the_job_within_the_timeout(tmp_path):
             "parallel.timeout_s=8", f"run.dir={tmp_path}"]
     agent = _torchrun_popen(2, args)
     try:
-        _wait_for(lambda: _logged_steps(tmp_path) >= 2, 180)
-        hung = _workers(agent)[-1]
+        wait_for(lambda: logged_steps(tmp_path) >= 2, 180)
+        hung = child_pids(agent)[-1]
         os.kill(hung, signal.SIGSTOP)
         start = time.time()
         out, err = agent.communicate(timeout=120)

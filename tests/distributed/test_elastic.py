@@ -11,8 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tests.distributed.test_checkpoint import Launched, _logged_steps, _wait_for, _workers
-from tests.helpers import assert_curves_match, read_metrics, run_recipe
+from tests.helpers import Launched, assert_curves_match, child_pids, logged_steps, read_metrics, run_recipe, wait_for
 
 ARGS = ["model=debug", "model.n_layers=4", "training.steps=24", "training.seq_len=64", "training.global_batch_size=16",
         "training.micro_batch_size=2", "training.num_threads=1", "logging.log_interval=1", "eval.interval=0",
@@ -43,8 +42,8 @@ def test_node_loss_continues_on_fewer_ranks(tmp_path):
     first = _agent(port, True, run_dir)
     second = _agent(port, False, run_dir)
     try:
-        _wait_for(lambda: _logged_steps(run_dir) >= 10, 240)
-        for pid in [*_workers(second), second.pid]:  # the whole second node: workers (own sessions) and agent
+        wait_for(lambda: logged_steps(run_dir) >= 10, 240)
+        for pid in [*child_pids(second), second.pid]:  # the whole second node: workers (own sessions) and agent
             os.kill(pid, signal.SIGKILL)
         out, err = first.communicate(timeout=300)
     finally:
