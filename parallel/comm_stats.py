@@ -76,17 +76,16 @@ def wire_bytes(kind: str, input_bytes: int, group_size: int) -> float:
     return input_bytes * (n - 1) / n
 
 
-def mesh_group_names(mesh: DeviceMesh | None) -> dict[str, str]:
-    """Process-group name -> mesh dimension; inner dimensions win where groups coincide."""
+def mesh_group_names(mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None = None) -> dict[str, str]:
+    """Process-group name -> mesh dimension (`dp`: the flattened data-parallel mesh); inner
+    dimensions win where groups coincide."""
     if mesh is None:
         return {}
     names: dict[str, str] = {}
-    for dim in ("tp", "dp_shard", "dp_replicate", "pp", "dp"):
-        try:
-            group = mesh[dim].get_group()
-        except (KeyError, RuntimeError, ValueError):
-            continue
-        names.setdefault(group.group_name, dim)
+    for dim in ("tp", "dp_shard", "dp_replicate", "pp"):
+        names.setdefault(mesh[dim].get_group().group_name, dim)
+    if dp_mesh is not None:
+        names.setdefault(dp_mesh.get_group().group_name, "dp")
     return names
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,6 +63,7 @@ class DistEnv:
     world_size: int
     local_world_size: int
     device: torch.device
+    node_rank: int = 0
 
     @property
     def is_writer(self) -> bool:
@@ -70,12 +72,12 @@ class DistEnv:
 
 def read_env() -> DistEnv:
     """Rank and device from torchrun's variables (a plain `python` run is rank 0 of 1)."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return DistEnv(rank, local_rank, world_size, local_world_size, device)
+    return DistEnv(rank, local_rank, world_size, local_world_size, device, int(os.environ.get("GROUP_RANK", "0")))
 
 
 def init_process_group(env: DistEnv, timeout_s: float = 300.0) -> None:
@@ -99,7 +101,13 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 def hierarchical_dims(env: DistEnv, tp: int, pp: int) -> tuple[int, int]:
-    """(dp_replicate, dp_shard) from the node topology: replicate across nodes, shard inside one."""
+    """(dp_replicate, dp_shard) from the node topology: replicate across nodes, shard inside one.
+    Needs equal nodes whose ranks are consecutive (torchrun numbers them so)."""
+    if env.world_size % env.local_world_size or env.rank // env.local_world_size != env.node_rank:
+        raise LayoutError("parallel.hierarchical", f"rank {env.rank} (local rank {env.local_rank} of "
+                          f"{env.local_world_size} on node {env.node_rank}) is not in a block of equal nodes.",
+                          "launch the same number of ranks on every node (--nproc-per-node), or set the "
+                          "degrees yourself with parallel.hierarchical=false.")
     if tp > env.local_world_size or env.local_world_size % tp:
         raise LayoutError("parallel.tp", f"tp={tp} does not fit in a node of {env.local_world_size} ranks; "
                           "with parallel.hierarchical=true tensor parallelism must stay inside a node.",
@@ -112,13 +120,26 @@ def hierarchical_dims(env: DistEnv, tp: int, pp: int) -> tuple[int, int]:
     return rest // pp, dp_shard
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
     """One mesh `(pp, dp_replicate, dp_shard, tp)`, tp innermost (consecutive ranks, same node),
-    plus a flattened `dp` dimension for sums over all data-parallel ranks."""
+    and its flattened `dp` dimension for sums over all data-parallel ranks."""
     mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
                             mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    return mesh
+    return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
+
+
+def describe_mesh(mesh: DeviceMesh, env: DistEnv) -> dict:
+    """This rank's place in the mesh: its index along each dimension and the global ranks of the
+    group it belongs to along each dimension."""
+    coordinate = mesh.get_coordinate()
+    groups = {}
+    for position, name in enumerate(MESH_DIMS):
+        index = [*coordinate]
+        index[position] = slice(None)
+        groups[name] = mesh.mesh[tuple(index)].tolist()
+    return {"rank": env.rank, "node": env.node_rank, "local_rank": env.local_rank, "host": socket.gethostname(),
+            "shape": dict(zip(MESH_DIMS, mesh.mesh.shape)), "coordinate": dict(zip(MESH_DIMS, coordinate)),
+            "groups": groups}
 
 
 def dp_mesh_for_fsdp(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:

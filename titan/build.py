@@ -3,6 +3,7 @@ parallelize -> initialize from the seed -> the runner the trainer drives it with
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +20,7 @@ from parallel.comm_stats import CommCounter, mesh_group_names
 from parallel.data_parallel import check_reshard_after_forward
 from parallel.errors import LayoutError
 from parallel.grad_norm import clip_grad_norm_
-from parallel.mesh import DistEnv, ParallelDims, build_mesh, hierarchical_dims
+from parallel.mesh import DistEnv, ParallelDims, build_mesh, describe_mesh, hierarchical_dims
 from parallel.parallelize import parallelize
 from parallel.pipeline import V_SHAPED, PipelineLayout, StageUnion, build_schedule, plan_stages, stage_module
 from parallel.tensor_parallel import check_tp_degree
@@ -36,6 +37,7 @@ class Layout:
     dims: ParallelDims
     mesh: DeviceMesh | None
     dp_rank: int
+    dp_mesh: DeviceMesh | None = None  # the flattened (dp_replicate, dp_shard) dimension
 
 
 def resolve_dims(cfg: PretrainConfig, env: DistEnv) -> ParallelDims:
@@ -50,8 +52,22 @@ def resolve_dims(cfg: PretrainConfig, env: DistEnv) -> ParallelDims:
 def build_layout(dims: ParallelDims, env: DistEnv) -> Layout:
     if env.world_size == 1:
         return Layout(dims, None, 0)
-    mesh = build_mesh(dims, env.device.type)
-    return Layout(dims, mesh, mesh["dp"].get_local_rank())
+    mesh, dp_mesh = build_mesh(dims, env.device.type)
+    return Layout(dims, mesh, dp_mesh.get_local_rank(), dp_mesh)
+
+
+def report_mesh(layout: Layout, env: DistEnv, run_dir: Path) -> None:
+    """Every rank says where it sits: one line on its output and `<run.dir>/mesh/rank-<N>.json`."""
+    if layout.mesh is None:
+        return
+    record = describe_mesh(layout.mesh, env)
+    folder = run_dir / "mesh"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{env.rank}.json").write_text(json.dumps(record, indent=1) + "\n")
+    place = " ".join(f"{name} {record['coordinate'][name]}/{size}" for name, size in record["shape"].items())
+    groups = ", ".join(f"{name} group {ranks}" for name, ranks in record["groups"].items() if len(ranks) > 1)
+    print(f"mesh: rank {env.rank} (node {env.node_rank}, local rank {env.local_rank}, host {record['host']}): "
+          f"{place}; {groups}", flush=True)
 
 
 def check_layout(cfg: PretrainConfig, dims: ParallelDims, device: torch.device) -> None:
@@ -141,10 +157,10 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
     par = ParallelContext(
         runner=runner,
         dp_size=dims.dp_size,
-        dp_group=mesh["dp"].get_group() if mesh is not None else None,
+        dp_group=layout.dp_mesh.get_group() if layout.dp_mesh is not None else None,
         pp_group=pp_group,
         clip_grad_norm=partial(clip_grad_norm_, pp_group=pp_group),
-        comm_counter=partial(CommCounter, mesh_group_names(mesh)) if mesh is not None else None,
+        comm_counter=partial(CommCounter, mesh_group_names(mesh, layout.dp_mesh)) if mesh is not None else None,
     )
     return model, par
 
