@@ -29,3 +29,4 @@ bench: setup
 	$(PYTHON) -m benchmarks.overhead
 	$(PYTHON) -m benchmarks.pipeline_bubble
 	$(PYTHON) -m benchmarks.checkpoint
+	$(PYTHON) -m benchmarks.hierarchical

@@ -82,7 +82,8 @@ class Units:
     blocks: list[list[tuple[int, ...]]] = field(default_factory=list)
 
 
-def model_units(args: argparse.Namespace):
+def model_units(model_overrides: list[str]):
+    """The model config and its FSDP units' parameter shapes (built on the meta device)."""
     from omegaconf import OmegaConf
 
     from recipes.cli import compose_config
@@ -90,7 +91,7 @@ def model_units(args: argparse.Namespace):
     from titan.models import build_model
 
     register_schemas()
-    cfg = OmegaConf.to_object(compose_config("pretrain", [f"model={args.model}"]))
+    cfg = OmegaConf.to_object(compose_config("pretrain", model_overrides))
     model = build_model(cfg.model)
     blocks = [[tuple(p.shape) for p in block.parameters()] for block in model.layers.values()]
     in_blocks = {id(p) for block in model.layers.values() for p in block.parameters()}
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown layouts {unknown}; choose from {list(LAYOUTS)}")
 
-    model, units = model_units(args)
+    model, units = model_units([f"model={args.model}"])
     print(f"comm: model={args.model} (dim {model.dim}, {model.n_layers} layers, vocab {model.vocab_size}), "
           f"seq_len={args.seq_len}, global batch {args.global_batch}, micro batch {args.micro_batch}, "
           f"{args.steps} steps, fp32, gloo; bytes per rank and step (MB = 1e6 bytes)", flush=True)

@@ -103,11 +103,12 @@ class SimCluster:
               "rate", f"{self.rate_mbit}mbit", "burst", str(burst), "latency", "200ms"])
 
     def down(self) -> None:
-        """Delete every namespace of this cluster's name (their links go with them)."""
+        """Delete every namespace of this cluster's name, however many hosts it had (their links go
+        with them)."""
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        names = {line.split()[0] for line in listed.splitlines() if line.strip()}
-        for netns in [h.netns for h in self.hosts] + [self.switch]:
-            if netns in names:
+        for line in listed.splitlines():
+            netns = line.split()[0] if line.strip() else ""
+            if netns == self.switch or (netns.startswith(f"{self.name}-h") and netns[len(self.name) + 2:].isdigit()):
                 subprocess.run(["ip", "netns", "del", netns], capture_output=True)
 
     def tx_bytes(self) -> list[int]:
