@@ -8,16 +8,16 @@ Each layout runs ``torchrun -m recipes.pretrain`` (gloo, fp32, one thread per ra
 (``parallel/comm_stats.py``: bytes one rank sends per step with ring algorithms; all-gather
 ``(n-1) x shard``, reduce-scatter ``(n-1)/n x input``, all-reduce ``2 (n-1)/n x input``).
 
-Closed forms, per rank and optimizer step, with ``m`` micro-batches per rank and step, FSDP units =
-the root (embedding, final norm, output) and one unit per block, ``sh_k(u)`` = bytes of unit ``u``'s
-padded shard over ``k`` ranks (``sum ceil(d0 / k) x numel / d0 x 4``):
+Closed forms, per rank and optimizer step, with ``m`` micro-batches per rank and step, FSDP units as
+``benchmarks/fsdp_units.py`` lists them (embedding, each block, head = final norm + output, root;
+``R`` = the units gathered again in backward: the embedding and every block but the last), ``sh_k(u)``
+= bytes of unit ``u``'s padded shard over ``k`` ranks (``sum ceil(d0 / k) x numel / d0 x 4``):
 
 - FSDP over n (ZeRO-3): ``m (n-1) [sum_u sh_n(u)  (forward all-gather)
-  + sum_{blocks but the last} sh_n(b)  (backward all-gather; the last block and the root stay gathered)
-  + sum_u sh_n(u)  (reduce-scatter)]``.
+  + sum_{u in R} sh_n(u)  (backward all-gather)  + sum_u sh_n(u)  (reduce-scatter)]``.
 - ZeRO-2-like (``reshard_after_forward=false``): the same without the backward all-gather.
 - hpZ (``reshard_after_forward=k``): forward all-gather and reduce-scatter over n as FSDP; the
-  backward all-gather runs inside groups of k: ``m (k-1) sum_{blocks but the last} sh_k(b)``.
+  backward all-gather runs inside groups of k: ``m (k-1) sum_{u in R} sh_k(u)``.
   FSDP2 builds those groups itself, so `comm_stats` logs them as ``comm_gb/other``.
 - HSDP r x s: ``dp_shard`` = FSDP over s; ``dp_replicate`` = all-reduce of each reduce-scattered
   gradient shard: ``m 2 (r-1)/r sum_u sh_s(u)``.
@@ -30,23 +30,21 @@ padded shard over ``k`` ranks (``sum ceil(d0 / k) x numel / d0 x 4``):
 - TP t without sequence parallelism (extra row): Megatron's all-reduce after attention and after the
   MLP in forward, and before each in backward, plus the embedding's forward and the output's backward
   all-reduce: ``m 2 (t-1)/t X (4 L + 2)`` (the same bytes as with sequence parallelism).
-
-For TP the measured bytes are also set against ``as implemented``: the closed form of what
-``parallel/tensor_parallel.py`` does today (see ``tp_as_implemented``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.fsdp_units import Units, model_units
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,43 +72,12 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-@dataclass
-class Units:
-    """Full parameter shapes of the FSDP units: the root and each block."""
-
-    root: list[tuple[int, ...]]
-    blocks: list[list[tuple[int, ...]]] = field(default_factory=list)
-
-
-def model_units(model_overrides: list[str]):
-    """The model config and its FSDP units' parameter shapes (built on the meta device)."""
-    from omegaconf import OmegaConf
-
-    from recipes.cli import compose_config
-    from titan.config import register_schemas
-    from titan.models import build_model
-
-    register_schemas()
-    cfg = OmegaConf.to_object(compose_config("pretrain", model_overrides))
-    model = build_model(cfg.model)
-    blocks = [[tuple(p.shape) for p in block.parameters()] for block in model.layers.values()]
-    in_blocks = {id(p) for block in model.layers.values() for p in block.parameters()}
-    root = [tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks]
-    return cfg.model, Units(root, blocks)
-
-
-def shard_bytes(shapes: list[tuple[int, ...]], k: int) -> int:
-    """Padded fp32 shard bytes of these parameters over k ranks."""
-    return sum(math.ceil(s[0] / k) * math.prod(s[1:]) * 4 for s in shapes)
-
-
 def fsdp_bytes(units: Units, n: int, reshard: bool | int, micro: int) -> dict[str, float]:
     """`dp_shard` (and `other` for hpZ) bytes of FSDP over n ranks."""
-    every = shard_bytes(units.root, n) + sum(shard_bytes(b, n) for b in units.blocks)
-    regathered = sum(shard_bytes(b, n) for b in units.blocks[:-1])
+    every, regathered = units.shard_bytes(n), units.shard_bytes(n, regathered_only=True)
     out = {"dp_shard": micro * (n - 1) * (2 * every + (regathered if reshard is True else 0))}
     if not isinstance(reshard, bool):
-        out["other"] = micro * (reshard - 1) * sum(shard_bytes(b, reshard) for b in units.blocks[:-1])
+        out["other"] = micro * (reshard - 1) * units.shard_bytes(reshard, regathered_only=True)
     return out
 
 
@@ -126,26 +93,9 @@ def expected(layout: Layout, model, units: Units, args: argparse.Namespace) -> d
     out = fsdp_bytes(units, layout.dp_shard, layout.reshard, micro)
     if layout.dp_replicate > 1:
         r = layout.dp_replicate
-        every = shard_bytes(units.root, layout.dp_shard) + sum(shard_bytes(b, layout.dp_shard) for b in units.blocks)
+        every = units.shard_bytes(layout.dp_shard)
         out["dp_replicate"] = micro * 2 * (r - 1) / r * every
     return out
-
-
-def tp_as_implemented(layout: Layout, model, args: argparse.Namespace) -> float:
-    """TP bytes of the current plan: each column-parallel linear (q, k, v, w1, w3; the output) gets
-    the block input as its own local tensor, so its input gradient is all-reduced on its own in
-    backward (5 all-reduces of X per block) instead of being summed first and reduced once."""
-    t, x = layout.tp, args.micro_batch * args.seq_len * model.dim * 4
-    micro = args.global_batch // args.micro_batch
-    per_x = (t - 1) / t  # one all-gather or reduce-scatter of X
-    ar = 2 * (t - 1) / t  # one all-reduce of X
-    if layout.sequence_parallel:
-        block = 4 * per_x + 5 * ar + 2 * per_x  # fwd: 2 AG + 2 RS; bwd: 5 AR + 2 AG
-        top = 2 * per_x + 2 * per_x  # embedding RS / AG, output AG / RS
-    else:
-        block = 2 * ar + 5 * ar  # fwd: 2 AR; bwd: 5 AR
-        top = 2 * ar  # embedding forward AR, output backward AR
-    return micro * x * (model.n_layers * block + top)
 
 
 def run_layout(name: str, layout: Layout, args: argparse.Namespace, tmp: Path) -> list[dict]:
@@ -178,12 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown layouts {unknown}; choose from {list(LAYOUTS)}")
 
-    model, units = model_units([f"model={args.model}"])
+    cfg, units = model_units([f"model={args.model}"])
+    model = cfg.model
     print(f"comm: model={args.model} (dim {model.dim}, {model.n_layers} layers, vocab {model.vocab_size}), "
           f"seq_len={args.seq_len}, global batch {args.global_batch}, micro batch {args.micro_batch}, "
           f"{args.steps} steps, fp32, gloo; bytes per rank and step (MB = 1e6 bytes)", flush=True)
     print(f"{'layout':8s} {'ranks':>5s} {'dim':13s} {'measured MB':>12s} {'formula MB':>11s} {'ratio':>7s}  goal")
-    began, verdicts, extra = time.perf_counter(), [], []
+    began, verdicts = time.perf_counter(), []
     with tempfile.TemporaryDirectory(prefix="titan-comm-") as tmp:
         for name in names:
             layout = LAYOUTS[name]
@@ -205,12 +156,6 @@ def main(argv: list[str] | None = None) -> None:
                     verdicts.append(ok)
                 print(f"{name:8s} {layout.ranks:5d} {key:13s} {measured / 1e6:12.4f} {formula / 1e6:11.4f} "
                       f"{ratio:7.4f}  {'met' if ok else 'NOT met'}{' (extra row)' if layout.note else ''}", flush=True)
-                if layout.tp > 1 and key == "tp":
-                    impl = tp_as_implemented(layout, model, args)
-                    extra.append(f"{name}: measured / as-implemented form {measured / impl:.4f} "
-                                 f"({impl / 1e6:.4f} MB); as-implemented / Megatron formula {impl / formula:.3f}")
-    for line in extra:
-        print(line)
     print(f"goal |measured / formula - 1| <= {args.tolerance:.0%}: {sum(verdicts)}/{len(verdicts)} rows met"
           f"{'' if all(verdicts) else ' (NOT met on all rows)'}")
     print(f"total wall time {time.perf_counter() - began:.0f}s")

@@ -18,15 +18,16 @@ Layouts (4 ranks: hosts {0, 1} and {2, 3}):
   shard within (2 x 2).
 
 Closed form, bytes one host sends to the other per step (one micro-batch per rank), with `sh_k(u)`
-the padded fp32 shard of FSDP unit `u` over k ranks, units = the root (embedding, final norm,
-output) and each block. A ring over ranks 0-1-2-3 crosses the link once in each direction, so each
+the padded fp32 shard of FSDP unit `u` over k ranks, units as `benchmarks/fsdp_units.py` lists them
+(embedding, blocks, head, root; `R` = those gathered again in backward: the embedding and every
+block but the last). A ring over ranks 0-1-2-3 crosses the link once in each direction, so each
 host sends what one ring edge carries:
 - all-gather over n: `(n-1) sh_n` per unit;
 - reduce-scatter over n: gloo runs it as an all-reduce of the full gradient (checked on this link: a
   reduce-scatter of S bytes over 4 ranks sends 1.5 S per host, the same as an all-reduce), so
   `2 (n-1) sh_n` per unit (a ring reduce-scatter, as NCCL's, would be `(n-1) sh_n`);
-- flat = forward all-gather of every unit + backward all-gather of the blocks but the last (the root
-  and the last block stay gathered) + reduce-scatter of every unit;
+- flat = forward all-gather of every unit + backward all-gather of the units in R + reduce-scatter
+  of every unit;
 - hpz = flat without the backward all-gather (it runs inside the host);
 - hsdp = the all-reduce of each gradient shard between the two hosts, by both local ranks:
   `2 x 2 (r-1)/r sh_2` per unit with r = 2 (all-gathers and reduce-scatters stay inside a host).
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import statistics
@@ -46,7 +46,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.comm import Units, model_units, shard_bytes
+from benchmarks.fsdp_units import Units, model_units
 from launch.simcluster import SimCluster, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,15 +62,13 @@ LAYOUTS = {
 def inter_host_bytes(layout: str, units: Units, ranks_per_host: int = 2, hosts: int = 2) -> float:
     """Closed-form bytes one host sends to the other per step (see the module docstring)."""
     n = ranks_per_host * hosts
-    every = shard_bytes(units.root, n) + sum(shard_bytes(b, n) for b in units.blocks)
-    regathered = sum(shard_bytes(b, n) for b in units.blocks[:-1])
+    every, regathered = units.shard_bytes(n), units.shard_bytes(n, regathered_only=True)
     reduce_scatter = 2 * (n - 1) * every
     if layout == "flat":
         return (n - 1) * (every + regathered) + reduce_scatter
     if layout == "hpz":
         return (n - 1) * every + reduce_scatter
-    shard = shard_bytes(units.root, ranks_per_host) + sum(shard_bytes(b, ranks_per_host) for b in units.blocks)
-    return ranks_per_host * 2 * (hosts - 1) / hosts * shard
+    return ranks_per_host * 2 * (hosts - 1) / hosts * units.shard_bytes(ranks_per_host)
 
 
 def run_job(cluster: SimCluster, layout: str, steps: int, args: argparse.Namespace, run_dir: Path) -> tuple[list[int], list[dict]]:
@@ -117,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     if reason:
         print(f"skipped: this benchmark needs a simulated cluster, and {reason}.")
         return
-    model, units = model_units(args.model_args.split())
-    params = sum(math.prod(shape) for shapes in [units.root, *units.blocks] for shape in shapes)
+    _, units = model_units(args.model_args.split())
+    params = units.params()
     print(f"model: {params / 1e6:.1f}M parameters ({params * 4 / 1e6:.1f} MB fp32); 2 hosts x 2 ranks; "
           f"uplink {f'{args.rate_mbit:g} Mbit/s' if args.rate_mbit else 'uncapped'} per host; global batch {args.global_batch} x seq {args.seq_len}", flush=True)
     layouts = args.layouts.split(",")

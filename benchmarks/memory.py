@@ -18,9 +18,10 @@ on a ~160M-parameter model whose parameters and AdamW state dwarf the activation
     S = (params + grads + 2 Adam moments) x 4 bytes / shards: 16 x the padded shard elements;
     A = activations autograd saves for one micro-batch (per token and block: 10 dim + 4 kv_dim
         + 4 ffn_hidden floats; per token: 2 vocab floats for the logits and log-softmax);
-    U = (n > 1) the unit buffers at the root unit's reduce-scatter, the largest moment: FSDP2 holds
+    U = (n > 1) the unit buffers at the largest unit's reduce-scatter, the largest moment: FSDP2 holds
         the unit's full-size gradients and copies them into one flat reduce-scatter input, so
-        2 x the full bytes of the largest FSDP unit (here the root: embedding, final norm, output).
+        2 x the full bytes of the largest FSDP unit (`benchmarks/fsdp_units.py`: here the head,
+        final norm + output, or the embedding; each its own unit since the root split).
     Goal: measured / theory <= 1.25 at every n, and the measured peak falls as the shards grow.
 The peak RSS growth (VmHWM) is printed too, as a cross-check that sees what MemTracker cannot
 (allocator slack, gloo's internal buffers, the init-time full-size draws).
@@ -30,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.fsdp_units import Units, model_units, shard_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ARGS = ("model=debug model.dim=1024 model.n_layers=8 model.n_heads=16 model.n_kv_heads=8 "
@@ -62,28 +64,6 @@ def run_ranks(args: argparse.Namespace, ranks: int, tmp: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
-def model_shapes(args: argparse.Namespace):
-    """The composed ModelConfig and, per FSDP unit, the full shapes of its parameters."""
-    from omegaconf import OmegaConf
-
-    from recipes.cli import compose_config
-    from titan.config import register_schemas
-    from titan.models import build_model
-
-    register_schemas()
-    cfg = OmegaConf.to_object(compose_config("pretrain", recipe_overrides(args, 1)))
-    model = build_model(cfg.model)
-    blocks = [[p.shape for p in block.parameters()] for block in model.layers.values()]
-    in_blocks = {id(p) for block in model.layers.values() for p in block.parameters()}
-    root = [p.shape for p in model.parameters() if id(p) not in in_blocks]
-    return cfg, root, blocks
-
-
-def padded_elements(shapes, shards: int) -> int:
-    """Elements of the padded shards: ceil(d0 / n) rows of numel / d0 each."""
-    return sum(math.ceil(s[0] / shards) * math.prod(s[1:]) for s in shapes)
-
-
 def activation_bytes(m, tokens: int) -> int:
     """fp32 bytes autograd saves for `tokens` tokens of one micro-batch (see the module docstring)."""
     kv_dim = m.n_kv_heads * (m.dim // m.n_heads)
@@ -91,11 +71,10 @@ def activation_bytes(m, tokens: int) -> int:
     return 4 * tokens * per_token
 
 
-def theory(cfg, root, blocks, shards: int) -> dict[str, float]:
-    all_shapes = root + [s for block in blocks for s in block]
-    states = 16 * padded_elements(all_shapes, shards)
+def theory(cfg, units: Units, shards: int) -> dict[str, float]:
+    states = 4 * units.shard_bytes(shards)
     acts = activation_bytes(cfg.model, cfg.training.micro_batch_size * cfg.training.seq_len)
-    largest_unit = max(4 * padded_elements(unit, 1) for unit in [root, *blocks])
+    largest_unit = max(shard_bytes(unit, 1) for unit in units.all)
     units = 2 * largest_unit if shards > 1 else 0
     return {"S": states, "A": acts, "U": units, "total": states + acts + units}
 
@@ -125,9 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-args", default=MODEL_ARGS, help="recipe overrides that set the model shape")
     args = parser.parse_args(argv)
 
-    cfg, root, blocks = model_shapes(args)
-    n_params = sum(math.prod(s) for s in root + [s for b in blocks for s in b])
-    print(f"memory: {n_params / 1e6:.1f}M params ({sum(math.prod(s) for s in root) / 1e6:.1f}M in the root unit), "
+    cfg, units = model_units(recipe_overrides(args, 1))
+    n_params = units.params()
+    largest = max(units.all, key=lambda unit: shard_bytes(unit, 1))
+    print(f"memory: {n_params / 1e6:.1f}M params (largest FSDP unit {shard_bytes(largest, 1) / 4e6:.1f}M), "
           f"seq_len={args.seq_len}, micro batch 1, global batch = ranks, {args.steps} steps, fp32, "
           f"{args.threads} thread(s)/rank", flush=True)
     results: dict[int, list[dict]] = {}
@@ -155,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         recs = results[ranks]
         top = max(recs, key=lambda r: r["tracker_peak"]["Total"])
         peak = top["tracker_peak"]
-        th = theory(cfg, root, blocks, ranks)
+        th = theory(cfg, units, ranks)
         rss = max(r["rss_peak_delta_bytes"] for r in recs)
         ratio = peak["Total"] / th["total"]
         ratios.append(ratio)

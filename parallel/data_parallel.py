@@ -16,6 +16,8 @@ embedding, final norm and output.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -36,14 +38,22 @@ def check_reshard_after_forward(value: bool | int, dp_shard: int) -> bool | int:
 
 
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, dp_mesh: DeviceMesh, reshard_after_forward: bool | int,
-               param_dtype: torch.dtype | None, cpu_offload: bool) -> None:
-    """Shard each block and then the root over `dp_mesh` (1-D: FSDP; 2-D: HSDP/DDP)."""
+               param_dtype: torch.dtype | None, cpu_offload: bool, embedding: nn.Module | None = None,
+               head: list[nn.Module] | None = None) -> None:
+    """Shard over `dp_mesh` (1-D: FSDP; 2-D: HSDP/DDP) the embedding, each block and the head (final
+    norm + output projection) as units of their own, then the root (what is left, e.g. a weight the
+    embedding and output share). Units gathered one at a time keep the peak low: the embedding's
+    and the output's full weights are never held through the whole step."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload: OffloadPolicy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    shard = partial(fully_shard, mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
+    if embedding is not None:
+        shard(embedding, reshard_after_forward=reshard_after_forward)
     ids = list(blocks.keys())
     for position, key in enumerate(ids):
-        # The last block is resharded by the root right away, so keep it gathered for backward.
+        # Backward starts with the last block (and the head): regathering them right away would be wasted.
         last = position == len(ids) - 1
-        fully_shard(blocks[key], mesh=dp_mesh, mp_policy=mp, offload_policy=offload,
-                    reshard_after_forward=False if last else reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+        shard(blocks[key], reshard_after_forward=False if last else reshard_after_forward)
+    if head:
+        shard(head, reshard_after_forward=False)
+    shard(model, reshard_after_forward=False)

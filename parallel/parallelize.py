@@ -52,4 +52,23 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
     if dims.dp_size > 1:
         raf = check_reshard_after_forward(reshard_after_forward, dims.dp_shard)
         dp_mesh = dp_mesh_for_fsdp(mesh, dims) if mesh is not None else None
-        apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload)
+        embedding, head = _separate_units(model, plan)
+        apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload, embedding, head)
+
+
+def _separate_units(model: nn.Module, plan: ModelPlan) -> tuple[nn.Module | None, list[nn.Module]]:
+    """The embedding and the head (final norm, output) this model (or pipeline stage) holds, as FSDP
+    units of their own; none when the embedding and output share a weight (it stays in the root)."""
+    if plan.tied:
+        return None, []
+    embedding = _held_module(model, plan.embedding)
+    head = [m for m in (_held_module(model, plan.final_norm), _held_module(model, plan.output)) if m is not None]
+    return embedding, head
+
+
+def _held_module(model: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at `path`, or None where this stage does not hold it."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
 
+from benchmarks.fsdp_units import Units, fsdp_units
 from tests.helpers import read_metrics, run_torchrun
 from titan.config import ModelConfig
 from titan.models import build_model
@@ -16,32 +16,22 @@ BASE = ["model=debug", "training.steps=2", "training.seq_len=64", "training.glob
         "checkpoint.enabled=false", "logging.progress_bar=false"]
 
 
-def fsdp_unit_shard_bytes(shards: int) -> tuple[list[int], int]:
-    """Padded shard bytes (fp32) of each block unit and of the root unit for the debug model:
-    FSDP2 pads every parameter's first dimension to a multiple of the shard count."""
-    model = build_model(ModelConfig())  # the debug shape
-    def shard_bytes(params) -> int:
-        return sum(math.ceil(p.shape[0] / shards) * (p.numel() // p.shape[0]) * 4 for p in params)
-    blocks = [shard_bytes(block.parameters()) for block in model.layers.values()]
-    block_ids = {id(p) for block in model.layers.values() for p in block.parameters()}
-    root = shard_bytes(p for p in model.parameters() if id(p) not in block_ids)
-    return blocks, root
+def _units() -> Units:
+    return fsdp_units(build_model(ModelConfig()))  # the debug shape, wrapped as apply_fsdp wraps it
 
 
 def fsdp_step_bytes(shards: int, micro_batches: int) -> float:
-    """Per rank and step: all-gather of every unit in forward, again in backward for the blocks that
-    reshard after forward (all but the last), and a reduce-scatter of every unit; each moves
-    (n - 1) x the unit's shard."""
-    blocks, root = fsdp_unit_shard_bytes(shards)
-    gathered = root + sum(blocks) + sum(blocks[:-1])
-    reduced = root + sum(blocks)
-    return micro_batches * (shards - 1) * (gathered + reduced)
+    """Per rank and step: all-gather of every unit in forward, again in backward for the units that
+    reshard after forward (the embedding and every block but the last), and a reduce-scatter of
+    every unit; each moves (n - 1) x the unit's padded shard."""
+    units = _units()
+    gathered = units.shard_bytes(shards) + units.shard_bytes(shards, regathered_only=True)
+    return micro_batches * (shards - 1) * (gathered + units.shard_bytes(shards))
 
 
 def hsdp_replicate_bytes(replicas: int, shards: int, micro_batches: int) -> float:
     """All-reduce of each reduced gradient shard across the replicas: 2 (r - 1) / r x shard."""
-    blocks, root = fsdp_unit_shard_bytes(shards)
-    return micro_batches * 2 * (replicas - 1) / replicas * (root + sum(blocks))
+    return micro_batches * 2 * (replicas - 1) / replicas * _units().shard_bytes(shards)
 
 
 def tp_sequence_parallel_step_bytes(tp: int, micro_batches: int, micro_batch: int, seq_len: int) -> float:
