@@ -11,28 +11,31 @@ runs so that AdamW's moments exist. Everything is saved and loaded through the f
 
 Phases (each timed span starts and ends with a barrier, so it is the slowest rank's time):
 
-1. save: `CheckpointManager.save` (get_state_dict, DCP planning + write + fsync of each file, then
-   the commit: CRC-32 of every file, manifest, fsyncs, marker, rename, prune) against a raw write
-   by every rank of its own bytes (its local tensors, padded to the exact size of its `.distcp`
-   file) into a new file with one fsync, as DCP's FileSystemWriter does, then deleting the files
-   older than the last `keep`. The order rotates every round; each side starts after a sync and a
-   page-cache drop.
-2. load: `CheckpointManager.verify` + `CheckpointManager.load` (what a resume runs) against a raw
-   read by every rank of its own `.distcp` file into a preallocated buffer (and, for reference,
-   into new memory). The page cache is dropped before each (``/proc/sys/vm/drop_caches``, root
-   only; otherwise all are warm, and the result says so).
+1. save: `CheckpointManager.save` (get_state_dict, DCP planning + write with a CRC-32 of each file
+   as it is written + fsync of each file, then the commit: manifest, fsyncs, marker, rename; the
+   pruning follows on a background thread, which the harness lets finish, untimed, before the next
+   side) against a raw write by every rank of its own bytes (its local tensors, padded to the exact
+   size of its `.distcp` file) into a new file with one fsync, as DCP's FileSystemWriter does, then
+   deleting the files older than the last `keep` (timed apart too). The order rotates every round;
+   each side starts after a sync and a page-cache drop.
+2. load: `load_newest_intact` (what a resume runs: sizes checked, then `CheckpointManager.load`,
+   which checksums the shards on a thread while DCP reads them) against a raw read by every rank
+   of its own `.distcp` file into a preallocated buffer (and, for reference, into new memory, and
+   the load without its checksum). The page cache is dropped before each
+   (``/proc/sys/vm/drop_caches``, root only; otherwise all are warm, and the result says so).
 3. reshape: the checkpoint written by this layout loaded (cold cache) into the same layout and
    into other layouts built in the same processes (``tp2``: tensor parallel 2; ``ddp2``:
    replicated, each rank reads everything), order rotating; then every layout's full weights are
    compared with the same layout's.
 4. stall: the training loop (the real `Trainer`, with the recipe's `on_step_end`: `poll()` then
    `save()` every K steps) with a synchronous and with an ``async_save`` manager. The stall is the
-   time the training thread spends inside checkpoint calls: `save()`, `poll()` (the async commit)
-   and the final `wait()`.
+   time the training thread spends inside checkpoint calls: `save()`, `poll()` and the final
+   `wait()` (the async commit itself runs on a background thread).
 
 A profiler wraps (without editing them) the functions the checkpoint code calls, so each timed
 span also reports where its time went: get_state_dict, dcp.save / dcp.load and their
-write_data / read_data, os.fsync, CRC-32 (file_record), collectives, staging, pruning.
+write_data / read_data, os.fsync, CRC-32 (zlib.crc32, and file_record: read + CRC-32),
+collectives, staging, pruning (``bg:`` = on a background thread).
 """
 
 from __future__ import annotations
@@ -63,10 +66,12 @@ from torch.distributed.tensor import DTensor
 
 import titan.checkpoint.manager as manager_mod
 import titan.checkpoint.manifest as manifest_mod
+import titan.checkpoint.storage as storage_mod
 from parallel.mesh import init_process_group, read_env, shutdown
 from recipes.cli import compose_config
 from titan.build import build_layout, build_parallel_model, resolve_dims
 from titan.checkpoint import CheckpointManager
+from titan.checkpoint.resume import load_newest_intact
 from titan.config import PretrainConfig, register_schemas, validate
 from titan.data.loader import load_data, train_loader
 from titan.metrics import MetricsLogger, ThroughputMeter
@@ -130,21 +135,27 @@ class Profiler:
         self.wrap(dcp, "load", "dcp.load")
         self.wrap(_owner_of(FileSystemWriter, "write_data"), "write_data", "write_data")
         self.wrap(_owner_of(FileSystemWriter, "finish"), "finish", "finish(.metadata)")
-        self.wrap(_owner_of(FileSystemReader, "read_data"), "read_data", "read_data")
-        self.wrap(manager_mod, "file_record", "crc32")
-        self.wrap(manifest_mod, "file_record", "crc32")
+        self.wrap(storage_mod.InPlaceReader, "read_data", "read_data")
+        self.wrap(_owner_of(FileSystemReader, "read_data"), "read_data", "read_data(torch.load)")
+        self.wrap(storage_mod, "_pread_into", "pread")
+        self.wrap(manager_mod.CheckpointManager, "check_intact", "check_intact")
+        self.wrap(manager_mod, "_verify_own_shards", "verify(own shards)")
+        self.wrap(manager_mod, "file_record", "file_record(read+crc32)")
+        self.wrap(manifest_mod, "file_record", "file_record(read+crc32)")
+        self.wrap(manifest_mod.zlib, "crc32", "crc32")
         self.wrap(os, "fsync", "fsync")
         self.wrap(manager_mod, "_all_gather", "collective")
         self.wrap(manager_mod, "_barrier", "barrier")
         self.wrap(shutil, "rmtree", "rmtree")
         self.wrap(manager_mod.CheckpointManager, "_commit", "commit")
+        self.wrap(manager_mod.CheckpointManager, "_prune", "prune")
         from torch.distributed.checkpoint.staging import DefaultStager
         self.wrap(DefaultStager, "stage", "stage(copy)")
         self._count_read_bytes()
 
     def _count_read_bytes(self) -> None:
-        """Bytes a FileSystemReader reads from its files (per read request: the stored chunk)."""
-        owner = _owner_of(FileSystemReader, "read_data")
+        """Bytes of the stored chunks a load's read requests touch (per request: the whole stored chunk)."""
+        owner = storage_mod.InPlaceReader
         inner = owner.read_data
         prof = self
 
@@ -340,46 +351,51 @@ class Ctx:
                 "rng": torch.get_rng_state().tolist(), "config": OmegaConf.to_container(self.raw_cfg)}
 
 
-SAVE_VARIANTS = ("torch-crc-off", "no-prune", "torch-crc-off+no-prune")
+SAVE_VARIANTS = ("torch-crc-on",)
 
 
 def phase_save(ctx: Ctx, rounds: int, keep: int, variants: list[str]) -> dict[str, Any]:
     """Manager saves and raw writes, in an order that rotates every round, each after a sync and a
     page-cache drop (when allowed). Both leave the same files behind: each raw write goes to a new
-    file and then deletes the ones older than the last `keep`, as the manager prunes. `variants` add sides that measure proposed fixes in the same rounds:
-    ``torch-crc-off`` saves with torch.serialization.set_crc32_options(False) (torch.save then skips
-    the CRC-32 of every tensor record; the manifest still checksums every file), ``no-prune`` with a
-    manager that keeps every checkpoint (no rmtree on the commit path)."""
+    file and then deletes the ones older than the last `keep`, as the manager prunes (the manager
+    does it on a background thread after save() returns; the raw side's deletion time is recorded
+    too). `variants` add sides measured in the same rounds: ``torch-crc-on`` saves with the
+    framework's writer as if it left torch.save's CRC-32 of each record on (the manifest's CRC-32,
+    taken while writing, covers every byte either way)."""
     rank = ctx.env.rank
     raw_dir = ctx.work / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     raw_files: list[Path] = []
+    raw_delete_s: list[float] = []
 
     def raw_round() -> None:
         raw_files.append(raw_dir / f"rank{rank}-{len(raw_files)}.bin")
         raw_write(raw_files[-1], tensors, own_bytes)
+        t0 = time.perf_counter()
         while len(raw_files) > keep:
             raw_files.pop(0).unlink()
+        raw_delete_s.append(time.perf_counter() - t0)
 
     managers = {"save": (CheckpointManager(ctx.work / "save_run", keep=keep, is_writer=ctx.env.is_writer), False)}
+    # name -> (manager, whether torch.save's own CRC-32 stays on)
     for name in variants:
         if name not in SAVE_VARIANTS:
             raise SystemExit(f"unknown save variant {name!r}: use {', '.join(SAVE_VARIANTS)}")
-        variant_keep = 10**9 if "no-prune" in name else keep
-        managers[name] = (CheckpointManager(ctx.work / f"save_{name}", keep=variant_keep, is_writer=ctx.env.is_writer),
-                          "torch-crc-off" in name)
+        managers[name] = (CheckpointManager(ctx.work / f"save_{name}", keep=keep, is_writer=ctx.env.is_writer), True)
     step = 1_000
     ctx.prof.reset()
     manager = managers["save"][0]
-    for m, crc_off in managers.values():  # warm-up, untimed
-        with torch_crc(not crc_off):
+    for m, crc_on in managers.values():  # warm-up, untimed
+        with torch_crc_kept(crc_on):
             m.save(step, ctx.model, ctx.optimizer, ctx.train_state(step))
+        m.wait()
     ckpt = manager.latest()
     own = own_files(ckpt, rank)
     own_bytes = sum(p.stat().st_size for p in own)
     tensors = local_tensors(ctx.model, ctx.optimizer)
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors)
     raw_round()  # warm-up
+    raw_delete_s.clear()
     ctx.prof.reset()
 
     sides = ["save", "raw", *variants]
@@ -393,59 +409,75 @@ def phase_save(ctx: Ctx, rounds: int, keep: int, variants: list[str]) -> dict[st
                 times[name].append(timed(raw_round))
                 continue
             step += 1
-            m, crc_off = managers[name]
+            m, crc_on = managers[name]
             ts = ctx.train_state(step)
             ctx.prof.reset()
-            with torch_crc(not crc_off):
+            with torch_crc_kept(crc_on):
                 times[name].append(timed(partial(m.save, step, ctx.model, ctx.optimizer, ts)))
+            # Pruning goes on in the background after save() returns (the next save joins it):
+            # finish it, untimed, so that it overlaps neither the next side nor the next save.
+            m.wait()
             profiles[name].append(ctx.prof.reset())
     all_own = gather(own_bytes)
     all_tensor = gather(tensor_bytes)
     prof = {name: mean_profiles([merge_max(gather(p)) for p in ps]) for name, ps in profiles.items()}
     ckpt = manager.latest()
+    delete_s = [max(per_rank) for per_rank in zip(*gather(raw_delete_s))]
     return {"checkpoint": str(ckpt), "distcp_bytes_per_rank": all_own, "tensor_bytes_per_rank": all_tensor,
             "folder_bytes": folder_bytes(ckpt), "save_s": times.pop("save"), "raw_write_s": times.pop("raw"),
+            "raw_delete_s": delete_s,
             "save_profile": prof.pop("save"), "keep": keep, "variants_s": times, "variant_profiles": prof}
 
 
 @contextmanager
-def torch_crc(enabled: bool):
-    """torch.save's per-record CRC-32 on or off for the duration."""
-    before = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(enabled)
+def torch_crc_kept(kept: bool):
+    """When `kept`, the framework's ShardWriter writes as DCP's FileSystemWriter does, with torch.save's
+    CRC-32 of each record on (its own checksums of the files are taken either way)."""
+    original = storage_mod.ShardWriter.write_data
+    if kept:
+        storage_mod.ShardWriter.write_data = FileSystemWriter.write_data
     try:
         yield
     finally:
-        torch.serialization.set_crc32_options(before)
+        storage_mod.ShardWriter.write_data = original
 
 
 def phase_load(ctx: Ctx, ckpt: Path, rounds: int) -> dict[str, Any]:
+    """What a resume runs (`load_newest_intact`: sizes and small files checked, then `CheckpointManager.load`,
+    which checksums the shards while DCP reads them) against raw reads, and, for reference, the load
+    without its checksum; each side cold (page cache dropped), order rotating."""
     rank = ctx.env.rank
     own = own_files(ckpt, rank)
     buffers = [bytearray(p.stat().st_size) for p in own]
-    CheckpointManager.verify(ckpt)  # warm-up (imports, first-touch of buffers)
-    CheckpointManager.load(ckpt, ctx.model, ctx.optimizer)
+
+    def resume() -> None:
+        load_newest_intact([ckpt], "fail", ctx.cfg.model, ctx.model, ctx.optimizer, lambda *a: None)
+
+    resume()  # warm-up (imports, first-touch of buffers)
     raw_read(own, buffers)
     cold = True
-    verify_s, load_s, raw_s, fresh_s, profiles = [], [], [], [], []
-    sides = ("ckpt", "raw", "fresh")
+    times: dict[str, list[float]] = {"resume": [], "noverify": [], "raw": [], "fresh": []}
+    profiles = []
+    sides = list(times)
     for r in range(rounds):
-        for what in sides[r % 3:] + sides[:r % 3]:
+        for what in sides[r % len(sides):] + sides[:r % len(sides)]:
             cold &= drop_caches(rank)
-            if what == "ckpt":
+            if what == "resume":
                 ctx.prof.reset()
-                verify_s.append(timed(partial(CheckpointManager.verify, ckpt)))
-                load_s.append(timed(partial(CheckpointManager.load, ckpt, ctx.model, ctx.optimizer)))
+                times[what].append(timed(resume))
                 profiles.append(ctx.prof.reset())
+            elif what == "noverify":
+                times[what].append(timed(partial(CheckpointManager.load, ckpt, ctx.model, ctx.optimizer, verify=False)))
             elif what == "raw":
-                raw_s.append(timed(partial(raw_read, own, buffers)))
+                times[what].append(timed(partial(raw_read, own, buffers)))
             else:
-                fresh_s.append(timed(partial(raw_read_fresh, own)))
+                times[what].append(timed(partial(raw_read_fresh, own)))
+    ctx.prof.reset()
     # Verify alone when the files are cached: the cost of the checksum itself, no disk.
     warm_verify = [timed(partial(CheckpointManager.verify, ckpt)) for _ in range(rounds)]
     prof = mean_profiles([merge_max(gather(p)) for p in profiles])
-    return {"verify_s": verify_s, "load_s": load_s, "raw_read_s": raw_s, "raw_read_fresh_s": fresh_s, "cold_cache": cold,
-            "verify_warm_s": warm_verify, "load_profile": prof}
+    return {"resume_s": times["resume"], "load_noverify_s": times["noverify"], "raw_read_s": times["raw"],
+            "raw_read_fresh_s": times["fresh"], "cold_cache": cold, "verify_warm_s": warm_verify, "load_profile": prof}
 
 
 def build_variant(ctx: Ctx, name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -552,8 +584,7 @@ def stall_run(ctx: Ctx, async_save: bool, saves: int, interval: int, keep: int) 
     all_records = gather(records)
     merged = [{k: (all_records[0][i][k] if k in ("step", "saved") else max(r[i][k] for r in all_records))
                for k in records[i]} for i in range(len(records))]
-    if manager.async_group is not None:
-        dist.destroy_process_group(manager.async_group)
+    manager.close()
     return {"records": merged, "final_wait": max(gather(final_wait)), "wall": wall,
             "profile": merge_max(gather(prof)), "committed": committed}
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from parallel.mesh import init_process_group, read_env, run_main
 from recipes.cli import config_errors, parse_args
 from titan.checkpoint import CheckpointManager
-from titan.checkpoint.resume import check_compatible, pick_verified, resume_candidates
+from titan.checkpoint.resume import load_newest_intact, resume_candidates
 from titan.config import ConfigError, PretrainConfig, register_schemas, validate
 from titan.data.loader import DataBundle, eval_batches, load_data, train_loader
 from titan.data.sequence_log import SequenceIdLog
@@ -30,7 +30,7 @@ from titan.metrics import (
     default_peak_tflops,
     truncate_after_step,
 )
-from titan.build import build_layout, build_parallel_model, check_layout, resolve_dims
+from titan.build import build_layout, build_parallel_model, check_layout, report_mesh, resolve_dims
 from titan.models import flops_per_token
 from titan.optim import build_optimizer, build_scheduler
 from titan.preemption import PreemptionWatch
@@ -77,18 +77,18 @@ def main(argv: list[str]) -> None:
     log = partial(print, flush=True) if env.is_writer else (lambda *args, **kwargs: None)
     with config_errors(env.rank):
         layout = build_layout(dims, env)
+        report_mesh(layout, env, run_dir)
         model, par = build_parallel_model(cfg, layout, device)
-        resume_from = pick_verified(candidates, cfg.checkpoint.on_corrupt, log)
-        if resume_from is not None:
-            check_compatible(CheckpointManager.read_train_state(resume_from)["config"], cfg.model, resume_from)
     manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer, cfg.checkpoint.async_save)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
     loader = train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size)
 
     state, wandb_id = TrainState(), None
-    if resume_from is not None:
-        saved = CheckpointManager.load(resume_from, model, optimizer)
+    with config_errors(env.rank):  # a corrupt checkpoint ends the run here, before any training
+        resumed = load_newest_intact(candidates, cfg.checkpoint.on_corrupt, cfg.model, model, optimizer, log)
+    if resumed is not None:
+        resume_from, saved = resumed
         state = TrainState(step=saved["step"], tokens=saved["tokens"])
         scheduler.load_state_dict(saved["scheduler"])
         loader.load_state_dict(saved["data"])
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
 
     metrics = MetricsLogger()
     if env.is_writer:
-        metrics, wandb_id = writer_sinks(cfg, raw, run_dir, state, resumed=resume_from is not None, wandb_id=wandb_id)
+        metrics, wandb_id = writer_sinks(cfg, raw, run_dir, state, resumed=resumed is not None, wandb_id=wandb_id)
     dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
     peak = cfg.training.peak_tflops or default_peak_tflops(device, dtype)
     throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.training.seq_len), env.world_size, peak)
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> None:
         if cfg.checkpoint.enabled and manager.latest() != manager.folder / f"step-{state.step}" and not (
                 manager.pending and manager.pending.step == state.step):
             save(state)
-        manager.wait()
+        manager.close()
     finally:
         metrics.close()
     log(f"done: {state.step} steps, {state.tokens} tokens. Outputs in {run_dir}: config.yaml, metrics.jsonl"

@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import (Launched, assert_curves_match, child_pids, logged_steps, read_metrics, run_recipe,
                            run_torchrun, wait_for)
+from titan.checkpoint import CheckpointManager
 
 COMMON = ["model=debug", "model.n_layers=4", "training.steps=8", "training.seq_len=64", "training.global_batch_size=16",
           "training.micro_batch_size=2", "training.num_threads=1", "logging.log_interval=1", "eval.interval=0",
@@ -75,14 +76,26 @@ def _copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_corrupt_shard_is_named_and_previous_commit_used_when_asked(uninterrupted, tmp_path):
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor bytes: same size, DCP loads it without complaint
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {"truncated": lambda p: p.write_bytes(p.read_bytes()[:-7]), "altered": _flip_a_byte}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupt_shard_is_named_and_previous_commit_used_when_asked(uninterrupted, tmp_path, corruption):
     run_dir = _copy_run(uninterrupted, tmp_path / "run")
     shard = sorted((run_dir / "checkpoints" / "step-8").glob("__1_*.distcp"))[0]
-    shard.write_bytes(shard.read_bytes()[:-7])  # truncated
+    CORRUPTIONS[corruption](shard)
     args = [*COMMON, "training.steps=10", "logging.sequence_ids=false", f"run.dir={run_dir}"]
     proc = run_torchrun(4, "recipes.pretrain", args, timeout=180)
-    assert proc.returncode != 0
-    assert shard.name in proc.stderr and "checkpoint.on_corrupt=previous" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # a config error, before any step
+    assert shard.name in proc.stderr and corruption in proc.stderr, proc.stderr[-2000:]
+    assert "checkpoint.on_corrupt=previous" in proc.stderr
+    assert read_metrics(run_dir) == read_metrics(uninterrupted)  # nothing trained on a partly loaded state
     proc = run_torchrun(4, "recipes.pretrain", [*args, "checkpoint.on_corrupt=previous"], timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step-4" in proc.stdout
@@ -188,6 +201,7 @@ def test_async_save_commits_checkpoints_that_resume_exactly(uninterrupted, tmp_p
     assert sorted(p.name for p in folder.iterdir()) == ["step-6", "step-8"]  # keep=2, nothing left half-written
     for step_dir in folder.iterdir():
         assert (step_dir / "COMMITTED").is_file() and (step_dir / "manifest.json").is_file()
+        CheckpointManager.verify(step_dir)  # the checksums taken while writing in the background hold
     assert_curves_match(read_metrics(uninterrupted), read_metrics(tmp_path / "a"), rtol=0, keys=("loss", "grad_norm"))
     proc = run_torchrun(2, "recipes.pretrain", [*args, "training.steps=10", f"checkpoint.resume={folder / 'step-6'}",
                                                 f"run.dir={tmp_path / 'b'}"])

@@ -1,13 +1,16 @@
 """Save, commit and load the full training state with torch.distributed.checkpoint (DCP).
 
 A checkpoint is written into ``checkpoints/.tmp-step-<N>``: each rank writes its shards (DCP, global
-parameter names, so any layout can read them), the writer rank adds ``train_state.json`` (step,
-tokens, LR schedule, data cursor, RNG, W&B id, config). Once every rank has finished, the writer
-records every file's size and checksum in ``manifest.json``, drops the ``COMMITTED`` marker and
-renames the folder to ``step-<N>``. A folder without the marker is never loaded, and older
-checkpoints are pruned only after a new commit. With ``async_save`` the shards are written in the
-background while training goes on; the commit happens at the first step end after every rank has
-finished, and before the next save or the end of the run.
+parameter names, so any layout can read them) and checksums them as they are written; the writer
+rank adds ``train_state.json`` (step, tokens, LR schedule, data cursor, RNG, W&B id, config). Once
+every rank has finished, the writer records every file's size and checksum in ``manifest.json``,
+drops the ``COMMITTED`` marker and renames the folder to ``step-<N>``. A folder without the marker
+is never loaded. Older checkpoints are pruned only after a new commit, on a background thread that
+the next save, ``wait()`` or ``close()`` joins. With ``async_save`` the shards are written, and then
+committed, on background threads (the commit's collectives on a process group of their own) while
+training goes on; ``poll()`` only notices that it has finished. A load checksums the shards while
+DCP reads them, and raises after the load when one does not match the manifest. The file I/O itself
+(checksums while writing, tensors read in place) is in `titan.checkpoint.storage`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +29,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from titan.checkpoint.manifest import (
     CorruptCheckpointError,
+    check_size,
     file_record,
     fsync_path,
     read_manifest,
     verify_files,
     write_manifest,
 )
+from titan.checkpoint.storage import SHARD_SUFFIX, InPlaceReader, ShardWriter
 
 COMMIT_MARKER = "COMMITTED"
 TRAIN_STATE = "train_state.json"
 METADATA = ".metadata"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+SHARD_RANK = re.compile(r"^__(\d+)_")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
@@ -55,29 +65,67 @@ def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if _distributed():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def _all_gather(obj: Any) -> list[Any]:
+def _world() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _all_gather(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     if not _distributed():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def _in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    """Run `fn(*args)` on a daemon thread; its result, or its exception, lands in the future."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=f"checkpoint-{fn.__name__}", daemon=True).start()
+    return future
+
+
+def _raise_gathered(problem: tuple[str, str] | None) -> None:
+    """Raise on every rank the first corrupt file any rank found (collective)."""
+    found = [p for p in _all_gather(problem) if p is not None]
+    if found:
+        raise CorruptCheckpointError(Path(found[0][0]), found[0][1])
+
+
+def _problem(check: Callable[[], None]) -> tuple[str, str] | None:
+    """(file, problem) when `check` finds a corrupt file, else None."""
+    try:
+        check()
+    except CorruptCheckpointError as exc:
+        return str(exc.path), exc.problem
+    return None
+
+
+def _verify_own_shards(path: Path, records: dict[str, dict]) -> tuple[str, str] | None:
+    """Checksum this rank's share of the shard files (`__<k>_*`, k % world == rank)."""
+    names = [n for n in sorted(records) if (m := SHARD_RANK.match(n)) and int(m.group(1)) % _world() == _rank()]
+    return _problem(lambda: verify_files(path, records, names))
 
 
 @dataclass
 class PendingSave:
     step: int
-    folder: Path
     future: Future
-    train_state: dict[str, Any]
 
 
 class CheckpointManager:
@@ -85,8 +133,12 @@ class CheckpointManager:
         self.folder = run_dir / "checkpoints"
         self.keep, self.is_writer, self.async_save = keep, is_writer, async_save
         self.pending: PendingSave | None = None
-        # Background writes finish with their own collectives: give them their own group.
+        self.pruning: Future | None = None
+        # Background writes and commits run their collectives on a group of their own. One stager
+        # for all saves: its CPU copy of this rank's state (held until close()) is reused, not
+        # allocated and first touched again at every save.
         self.async_group = dist.new_group(backend="gloo") if async_save and _distributed() else None
+        self.stager = DefaultStager(StagingOptions(False, False, False, False)) if async_save else None
 
     def committed(self) -> list[Path]:
         return committed_steps(self.folder)
@@ -97,7 +149,7 @@ class CheckpointManager:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any]) -> None:
-        """Write a checkpoint of `step` (in the background with async_save) and commit it."""
+        """Write a checkpoint of `step` and commit it (both in the background with async_save)."""
         self.wait()
         tmp = self.folder / f".tmp-step-{step}"
         if self.is_writer:
@@ -106,33 +158,56 @@ class CheckpointManager:
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
+        writer = ShardWriter(tmp)
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
-            self.pending = PendingSave(step, tmp, future, train_state)
+            written = dcp.async_save(state, storage_writer=writer, process_group=self.async_group,
+                                     async_stager=self.stager)
+            self.pending = PendingSave(step, _in_background(self._commit_when_written, written, step, tmp,
+                                                            writer.records, train_state))
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
-            self._commit(step, tmp, train_state)
+            dcp.save(state, storage_writer=writer)
+            self._commit(step, tmp, writer.records, train_state)
+            if self.is_writer:
+                self.pruning = _in_background(self._prune)
 
     def poll(self) -> None:
-        """Commit a background save once every rank has finished writing (collective)."""
-        if self.pending is None:
-            return
-        if all(_all_gather(self.pending.future.done())):
+        """Finish a background save that is done (local: no collective)."""
+        if self.pending is not None and self.pending.future.done():
             self.wait()
 
     def wait(self) -> None:
-        """Finish and commit a background save, if any (collective)."""
-        if self.pending is None:
-            return
+        """Wait for the background save (write and commit) and pruning, if any; raise what they raised."""
         pending, self.pending = self.pending, None
-        pending.future.result()
-        self._commit(pending.step, pending.folder, pending.train_state)
+        pruning, self.pruning = self.pruning, None
+        if pending is not None:
+            pending.future.result()
+        if pruning is not None:
+            pruning.result()
 
-    def _commit(self, step: int, tmp: Path, train_state: dict[str, Any]) -> None:
-        """Record every rank's files in the manifest, mark the folder committed, rename, prune."""
-        own = {p.name: file_record(p) for p in tmp.glob(f"__{_rank()}_*.distcp")}
+    def close(self) -> None:
+        """Wait for background work, then release the stager's buffers and the background group."""
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+        if self.async_group is not None:
+            dist.destroy_process_group(self.async_group)
+            self.async_group = None
+
+    def _commit_when_written(self, written: Future, step: int, tmp: Path, own: dict[str, dict],
+                             train_state: dict[str, Any]) -> None:
+        """Background: once this rank's shards are written, commit (on the async group) and prune."""
+        written.result()
+        self._commit(step, tmp, own, train_state, self.async_group)
+        if self.is_writer:
+            self._prune()
+
+    def _commit(self, step: int, tmp: Path, own: dict[str, dict], train_state: dict[str, Any],
+                group: dist.ProcessGroup | None = None) -> None:
+        """Record every rank's files (`own`: this rank's, checksummed while written) in the manifest,
+        mark the folder committed and rename it (collective over `group`)."""
         records: dict[str, dict] = {}
-        for part in _all_gather(own):
+        for part in _all_gather(own, group):
             records.update(part)
         if self.is_writer:
             (tmp / TRAIN_STATE).write_text(json.dumps(train_state))
@@ -148,34 +223,55 @@ class CheckpointManager:
                 shutil.rmtree(final)
             tmp.rename(final)
             fsync_path(self.folder)
-            for old in committed_steps(self.folder)[:-self.keep] + list(self.folder.glob(".tmp-step-*")):
-                shutil.rmtree(old, ignore_errors=True)  # older commits, and saves a crash left unfinished
-        _barrier()
+        _barrier(group)
+
+    def _prune(self) -> None:
+        """Delete the commits older than the newest `keep`, and folders a crash left unfinished."""
+        kept = self.committed()[-self.keep:]
+        for path in self.folder.iterdir():
+            if path not in kept and path.is_dir() and (STEP_DIR.match(path.name) or path.name.startswith(".tmp-step-")):
+                (path / COMMIT_MARKER).unlink(missing_ok=True)  # no longer a commit, even if deleting stops midway
+                shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
     def verify(path: Path) -> None:
-        """Check every file against the manifest, each rank a share; raise naming a bad file."""
-        problem = None
-        try:
+        """Check every file against the manifest, each rank a share; raise naming a bad file (collective)."""
+        def check() -> None:
             records = read_manifest(path)
-            world = dist.get_world_size() if _distributed() else 1
-            names = sorted(records)[_rank()::world]
-            verify_files(path, records, names)
-        except CorruptCheckpointError as exc:
-            problem = (str(exc.path), str(exc))
-        found = [p for p in _all_gather(problem) if p is not None]
-        if found:
-            raise CorruptCheckpointError(Path(found[0][0]), found[0][1].split(" is ", 1)[-1])
+            verify_files(path, records, sorted(records)[_rank()::_world()])
+
+        _raise_gathered(_problem(check))
+
+    @staticmethod
+    def check_intact(path: Path) -> None:
+        """Cheap check before a load (local): every file at its recorded size, the small ones checksummed too."""
+        records = read_manifest(path)
+        for name, expected in records.items():
+            check_size(path / name, expected)
+        verify_files(path, records, [n for n in records if not n.endswith(SHARD_SUFFIX)])
 
     @staticmethod
     def read_train_state(path: Path) -> dict[str, Any]:
         return json.loads((path / TRAIN_STATE).read_text())
 
     @staticmethod
-    def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Load tensors into `model` and `optimizer`, resharding to the current layout; return the rest."""
+    def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             verify: bool = True) -> dict[str, Any]:
+        """Load tensors into `model` and `optimizer`, resharding to the current layout; return the rest.
+        With `verify`, each rank checksums its share of the shards on a thread while DCP reads them (one
+        read from disk), and a file that does not match the manifest raises CorruptCheckpointError on
+        every rank after the load: the tensors may then hold part of it (collective)."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        if not verify:
+            dcp.load(state, storage_reader=InPlaceReader(path))
+        else:
+            checked = _in_background(_verify_own_shards, path, read_manifest(path))
+            try:
+                dcp.load(state, storage_reader=InPlaceReader(path))
+            except (Exception, CheckpointException):  # a corrupt shard can fail the load itself: name it then
+                _raise_gathered(checked.result())
+                raise
+            _raise_gathered(checked.result())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return CheckpointManager.read_train_state(path)

@@ -10,6 +10,7 @@ import json
 import os
 import zlib
 from pathlib import Path
+from typing import Any, BinaryIO
 
 MANIFEST = "manifest.json"
 CHUNK = 8 << 20
@@ -19,8 +20,28 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or altered."""
 
     def __init__(self, path: Path, problem: str):
-        self.path = path
+        self.path, self.problem = path, problem
         super().__init__(f"checkpoint file {path} is {problem}")
+
+
+class ChecksumWriter:
+    """A binary file opened for writing that keeps the size and CRC-32 of what is written through it
+    (for a file written once, front to back, as DCP writes its shards)."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.size, self.crc = raw, 0, 0
+
+    def write(self, data: Any) -> int:
+        n = self.raw.write(data)
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += memoryview(data).nbytes
+        return n
+
+    def record(self) -> dict:
+        return {"size": self.size, "crc32": self.crc}
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, close: the file's own
+        return getattr(self.raw, name)
 
 
 def file_record(path: Path) -> dict:
@@ -54,15 +75,19 @@ def read_manifest(folder: Path) -> dict[str, dict]:
     return json.loads(path.read_text())["files"]
 
 
+def check_size(path: Path, expected: dict) -> None:
+    """The file exists with its recorded size (catches missing and truncated files without reading them)."""
+    if not path.is_file():
+        raise CorruptCheckpointError(path, "missing")
+    size = path.stat().st_size
+    if size != expected["size"]:
+        raise CorruptCheckpointError(path, f"truncated or padded ({size} bytes, manifest says {expected['size']})")
+
+
 def verify_files(folder: Path, records: dict[str, dict], names: list[str]) -> None:
     """Check `names` (a share of the manifest) against their recorded size and checksum."""
     for name in names:
         path = folder / name
-        expected = records[name]
-        if not path.is_file():
-            raise CorruptCheckpointError(path, "missing")
-        size = path.stat().st_size
-        if size != expected["size"]:
-            raise CorruptCheckpointError(path, f"truncated or padded ({size} bytes, manifest says {expected['size']})")
-        if file_record(path)["crc32"] != expected["crc32"]:
+        check_size(path, records[name])
+        if file_record(path)["crc32"] != records[name]["crc32"]:
             raise CorruptCheckpointError(path, "altered (checksum mismatch)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from titan.checkpoint.manager import COMMIT_MARKER, CheckpointManager, committed_steps
 from titan.checkpoint.manifest import CorruptCheckpointError
 from titan.config import CheckpointConfig, ConfigError, ModelConfig
@@ -30,13 +32,17 @@ def resume_candidates(cfg: CheckpointConfig, run_dir: Path, manager: CheckpointM
     return [path, *older]
 
 
-def pick_verified(candidates: list[Path], on_corrupt: str, log) -> Path | None:
-    """The first candidate whose files match its manifest (collective). A corrupt one is an error,
-    or with on_corrupt=previous, skipped for the next older commit."""
+def load_newest_intact(candidates: list[Path], on_corrupt: str, model_cfg: ModelConfig, model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer, log) -> tuple[Path, dict[str, Any]] | None:
+    """Load the first candidate whose files match its manifest into `model` and `optimizer` (collective);
+    return it and its train state. Sizes are checked first, the shards' checksums while they load. A
+    corrupt checkpoint is an error, or with on_corrupt=previous, replaced by the next older commit (whose
+    load overwrites every tensor the corrupt one may have left)."""
     for path in candidates:
         try:
-            CheckpointManager.verify(path)
-            return path
+            CheckpointManager.check_intact(path)
+            check_compatible(CheckpointManager.read_train_state(path)["config"], model_cfg, path)
+            return path, CheckpointManager.load(path, model, optimizer)
         except CorruptCheckpointError as exc:
             if on_corrupt != "previous":
                 raise ConfigError("checkpoint.resume", f"{exc}.",
