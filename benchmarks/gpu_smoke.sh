@@ -1,5 +1,5 @@
 #!/bin/bash
-# GPU smoke check of the committed tree: bf16 training (eager and compiled), checkpoint resume,
+# GPU smoke check: bf16 training (eager; compiled with async checkpoints), checkpoint resume,
 # the launcher, the HF export loaded by transformers. One GPU (H100/H200), single process.
 # Run from the repository root: `bash benchmarks/gpu_smoke.sh`. On a machine without hydra-core,
 # omegaconf, antlr4-python3-runtime and torchdata (no network), put their wheels in .whl/ first.
@@ -15,7 +15,8 @@ python3 -c "import torch;print('torch', torch.__version__, torch.cuda.get_device
 COMMON="model=125m training.dtype=bfloat16 training.seq_len=1024 training.global_batch_size=32 training.micro_batch_size=16 logging.log_interval=5 eval.interval=10 eval.steps=2 logging.progress_bar=false checkpoint.interval=20"
 echo "== eager 30 steps"; timeout 170 python3 -m recipes.pretrain $COMMON training.steps=30 run.dir=/tmp/r1 2>&1 | tail -9
 echo "== resume to 40"; timeout 100 python3 -m recipes.pretrain $COMMON training.steps=40 run.dir=/tmp/r1 2>&1 | tail -4
-echo "== compiled 30 steps"; timeout 200 python3 -m recipes.pretrain $COMMON training.steps=30 training.compile=true run.dir=/tmp/r2 2>&1 | tail -7
+echo "== compiled 30 steps, async save"; timeout 200 python3 -m recipes.pretrain $COMMON training.steps=30 training.compile=true checkpoint.async_save=true run.dir=/tmp/r2 2>&1 | tail -7
+echo "== compiled resume to 40"; timeout 150 python3 -m recipes.pretrain $COMMON training.steps=40 training.compile=true checkpoint.async_save=true run.dir=/tmp/r2 2>&1 | tail -4
 echo "== launch"; timeout 90 python3 -m launch --nproc-per-node 1 --run-dir /tmp/r3 model=small training.steps=5 training.dtype=bfloat16 logging.progress_bar=false 2>&1 | tail -4
 echo "== export"; timeout 90 python3 -m recipes.export checkpoint=/tmp/r1/checkpoints/step-40 out=/tmp/hf 2>&1 | tail -3
 timeout 90 python3 - <<'PY'
