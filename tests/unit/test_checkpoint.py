@@ -79,6 +79,21 @@ def test_pruning_keeps_the_newest_commits_and_clears_leftovers(tmp_path, async_s
     manager.close()
 
 
+@pytest.mark.parametrize("reusable", [True, False])
+def test_async_saves_in_a_row_with_a_kept_or_a_fresh_stager(tmp_path, monkeypatch, reusable):
+    """torch >= 2.13 leaves a stager passed to async_save to the caller, older torch closes it after
+    one save: the manager keeps one where it may and takes a fresh one per save otherwise."""
+    monkeypatch.setattr("titan.checkpoint.manager.STAGER_REUSABLE", reusable)
+    manager = CheckpointManager(tmp_path, keep=2, is_writer=True, async_save=True)
+    assert (manager.stager is not None) == reusable
+    model, optimizer = build(0)
+    for step in (1, 2, 3):
+        manager.save(step, model, optimizer, train_state(step))
+    manager.close()
+    target, target_optim = build(1)
+    assert CheckpointManager.load(manager.latest(), target, target_optim)["step"] == 3 and same(model, target)
+
+
 @pytest.mark.parametrize("where", [0.5, 0.0])  # tensor bytes load silently; a broken pickle fails DCP's load
 def test_load_checksums_the_shards_and_names_a_corrupt_one(tmp_path, where):
     manager = CheckpointManager(tmp_path, keep=2, is_writer=True)

@@ -52,6 +52,16 @@ SHARD_RANK = re.compile(r"^__(\d+)_")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
+# Before 2.13, async_save closes the stager it is given once that save ends (a second save with it
+# fails on its cleared copy tables); from 2.13 a stager passed in stays the caller's to reuse.
+STAGER_REUSABLE = torch.__version__ >= (2, 13)
+
+
+def _stager() -> DefaultStager:
+    """Staging to plain CPU memory, synchronously, before the background write."""
+    return DefaultStager(StagingOptions(False, False, False, False))
+
+
 def committed_steps(folder: Path) -> list[Path]:
     """Committed step folders, oldest first."""
     if not folder.is_dir():
@@ -135,10 +145,10 @@ class CheckpointManager:
         self.pending: PendingSave | None = None
         self.pruning: Future | None = None
         # Background writes and commits run their collectives on a group of their own. One stager
-        # for all saves: its CPU copy of this rank's state (held until close()) is reused, not
-        # allocated and first touched again at every save.
+        # for all saves where torch lets the caller keep it: its CPU copy of this rank's state (held
+        # until close()) is reused, not allocated and first touched again at every save.
         self.async_group = dist.new_group(backend="gloo") if async_save and _distributed() else None
-        self.stager = DefaultStager(StagingOptions(False, False, False, False)) if async_save else None
+        self.stager = _stager() if async_save and STAGER_REUSABLE else None
 
     def committed(self) -> list[Path]:
         return committed_steps(self.folder)
@@ -161,7 +171,7 @@ class CheckpointManager:
         writer = ShardWriter(tmp)
         if self.async_save:
             written = dcp.async_save(state, storage_writer=writer, process_group=self.async_group,
-                                     async_stager=self.stager)
+                                     async_stager=self.stager or _stager())
             self.pending = PendingSave(step, _in_background(self._commit_when_written, written, step, tmp,
                                                             writer.records, train_state))
         else:
