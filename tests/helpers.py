@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +69,13 @@ def layout_metrics_matching(reference: list[dict], nproc: int, args: list[str], 
     # Only one rank writes: one row per step, and the tokens count the whole global batch.
     assert [r["tokens"] for r in got] == [r["tokens"] for r in reference]
     return got
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a rendezvous endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float) -> None:

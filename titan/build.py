@@ -36,8 +36,11 @@ from titan.trainer import ParallelContext
 class Layout:
     dims: ParallelDims
     mesh: DeviceMesh | None
-    dp_rank: int
-    dp_mesh: DeviceMesh | None = None  # the flattened (dp_replicate, dp_shard) dimension
+    dp_mesh: DeviceMesh | None  # the flattened (dp_replicate, dp_shard) dimension
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
 
 
 def resolve_dims(cfg: PretrainConfig, env: DistEnv) -> ParallelDims:
@@ -51,9 +54,9 @@ def resolve_dims(cfg: PretrainConfig, env: DistEnv) -> ParallelDims:
 
 def build_layout(dims: ParallelDims, env: DistEnv) -> Layout:
     if env.world_size == 1:
-        return Layout(dims, None, 0)
+        return Layout(dims, None, None)
     mesh, dp_mesh = build_mesh(dims, env.device.type)
-    return Layout(dims, mesh, dp_mesh.get_local_rank(), dp_mesh)
+    return Layout(dims, mesh, dp_mesh)
 
 
 def report_mesh(layout: Layout, env: DistEnv, run_dir: Path) -> None:

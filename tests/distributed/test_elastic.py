@@ -7,22 +7,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
-from tests.helpers import Launched, assert_curves_match, child_pids, logged_steps, read_metrics, run_recipe, wait_for
+from tests.helpers import (Launched, assert_curves_match, child_pids, free_port, logged_steps, read_metrics,
+                           run_recipe, wait_for)
 
 ARGS = ["model=debug", "model.n_layers=4", "training.steps=24", "training.seq_len=64", "training.global_batch_size=16",
         "training.micro_batch_size=2", "training.num_threads=1", "logging.log_interval=1", "eval.interval=0",
         "logging.progress_bar=false", "checkpoint.interval=4", "lr.schedule=constant", "lr.warmup_steps=0",
         "logging.sequence_ids=true", "parallel.timeout_s=20"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _agent(port: int, host: bool, run_dir: Path) -> Launched:
@@ -38,7 +32,7 @@ def test_node_loss_continues_on_fewer_ranks(tmp_path):
     proc = run_recipe("recipes.pretrain", [*ARGS, "logging.sequence_ids=false", f"run.dir={reference}"])
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "elastic"
-    port = _free_port()
+    port = free_port()
     first = _agent(port, True, run_dir)
     second = _agent(port, False, run_dir)
     try:

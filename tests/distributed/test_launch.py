@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +14,13 @@ from pathlib import Path
 import pytest
 
 from launch.simcluster import SimCluster, unavailable
-from tests.helpers import Launched, assert_curves_match, logged_steps, read_metrics, run_recipe, wait_for
+from tests.helpers import Launched, assert_curves_match, free_port, logged_steps, read_metrics, run_recipe, wait_for
 
 ARGS = ["model=debug", "model.n_layers=4", "training.seq_len=64", "training.global_batch_size=16",
         "training.micro_batch_size=2", "training.num_threads=1", "logging.log_interval=1", "eval.interval=0",
         "logging.progress_bar=false", "lr.schedule=constant", "lr.warmup_steps=0",
         "parallel.timeout_s=30"]
 NO_CLUSTER = unavailable()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch_argv(node_rank: int, endpoint: str, iface: str, run_dir: Path, extra: list[str],
@@ -60,7 +53,7 @@ def reference(tmp_path_factory) -> list[dict]:
 
 
 def test_two_loopback_nodes_hierarchical_match_single_process(reference, tmp_path):
-    run_dir, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
+    run_dir, endpoint = tmp_path / "run", f"127.0.0.1:{free_port()}"
     agents = [Launched(_launch_argv(rank, endpoint, "lo", run_dir, [*ARGS, "training.steps=6"]),
                        tmp_path / f"node{rank}", start_new_session=True) for rank in (0, 1)]
     outputs = _finish(agents, 300)

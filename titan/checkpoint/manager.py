@@ -273,15 +273,14 @@ class CheckpointManager:
         every rank after the load: the tensors may then hold part of it (collective)."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        if not verify:
+        checked = _in_background(_verify_own_shards, path, read_manifest(path)) if verify else None
+        try:
             dcp.load(state, storage_reader=InPlaceReader(path))
-        else:
-            checked = _in_background(_verify_own_shards, path, read_manifest(path))
-            try:
-                dcp.load(state, storage_reader=InPlaceReader(path))
-            except (Exception, CheckpointException):  # a corrupt shard can fail the load itself: name it then
+        except (Exception, CheckpointException):  # a corrupt shard can fail the load itself: name it then
+            if checked is not None:
                 _raise_gathered(checked.result())
-                raise
+            raise
+        if checked is not None:
             _raise_gathered(checked.result())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return CheckpointManager.read_train_state(path)
