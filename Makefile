@@ -2,31 +2,34 @@
 PYTHON ?= python3
 NPROC ?= 2
 ARGS ?=
+# Where the project is installed and run: the active virtual or conda environment, else the project's own
+# .venv made from $(PYTHON) (system Pythons refuse pip installs, PEP 668, and stay untouched).
+ENV_DIR := $(if $(VIRTUAL_ENV)$(CONDA_PREFIX),,.venv)
+PY := $(if $(ENV_DIR),$(ENV_DIR)/bin/python,$(PYTHON))
 
 .PHONY: setup train test test-slow bench
 
-# Reuses an installed torch; otherwise installs torch 2.13.0 (the CPU build on a machine without a
-# GPU). The project's own range for torch admits 2.13, so pip never swaps in a CUDA build.
+# Reuses an installed torch 2.11-2.13 (a .venv sees $(PYTHON)'s packages then); otherwise installs exactly
+# torch 2.13.0 (the CPU build on a machine without a GPU), so pip never swaps in a newer CUDA build.
 setup:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	@sh setup.sh "$(PYTHON)" $(ENV_DIR)
 
 train: setup
-	@if [ "$(NPROC)" = "1" ]; then $(PYTHON) -m recipes.pretrain $(ARGS); \
-	else OMP_NUM_THREADS=1 $(PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m recipes.pretrain $(ARGS); fi
+	@if [ "$(NPROC)" = "1" ]; then $(PY) -m recipes.pretrain $(ARGS); \
+	else OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m recipes.pretrain $(ARGS); fi
 
 test: setup
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 test-slow: setup
-	$(PYTHON) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow
 
 bench: setup
-	$(PYTHON) -m benchmarks.flops
-	$(PYTHON) -m benchmarks.throughput
-	$(PYTHON) -m benchmarks.memory
-	$(PYTHON) -m benchmarks.comm
-	$(PYTHON) -m benchmarks.overhead
-	$(PYTHON) -m benchmarks.pipeline_bubble
-	$(PYTHON) -m benchmarks.checkpoint
-	$(PYTHON) -m benchmarks.hierarchical
+	$(PY) -m benchmarks.flops
+	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks.memory
+	$(PY) -m benchmarks.comm
+	$(PY) -m benchmarks.overhead
+	$(PY) -m benchmarks.pipeline_bubble
+	$(PY) -m benchmarks.checkpoint
+	$(PY) -m benchmarks.hierarchical

@@ -145,7 +145,6 @@ class Profiler:
         self.wrap(manifest_mod.zlib, "crc32", "crc32")
         self.wrap(os, "fsync", "fsync")
         self.wrap(manager_mod, "_all_gather", "collective")
-        self.wrap(manager_mod, "_barrier", "barrier")
         self.wrap(shutil, "rmtree", "rmtree")
         self.wrap(manager_mod.CheckpointManager, "_commit", "commit")
         self.wrap(manager_mod.CheckpointManager, "_prune", "prune")
@@ -451,7 +450,8 @@ def phase_load(ctx: Ctx, ckpt: Path, rounds: int) -> dict[str, Any]:
     buffers = [bytearray(p.stat().st_size) for p in own]
 
     def resume() -> None:
-        load_newest_intact([ckpt], "fail", ctx.cfg.model, ctx.model, ctx.optimizer, lambda *a: None)
+        load_newest_intact([ckpt], "fail", OmegaConf.to_container(ctx.raw_cfg), ctx.model, ctx.optimizer,
+                           lambda *a: None)
 
     resume()  # warm-up (imports, first-touch of buffers)
     raw_read(own, buffers)

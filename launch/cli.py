@@ -33,7 +33,7 @@ def _env_int(*names: str) -> int | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m launch [run|slurm|k8s]", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     job = parser.add_argument_group("job")
     job.add_argument("--nnodes", default=os.environ.get("SLURM_NNODES", "1"),
@@ -56,15 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     scheduler = parser.add_argument_group("slurm / k8s")
     scheduler.add_argument("--out", help="file to write, - for stdout (default: <run dir>/launch.sbatch or launch.yaml)")
     scheduler.add_argument("--job-name", default="titan", help="SLURM job name / PyTorchJob name")
-    scheduler.add_argument("--gpus-per-node", type=int, default=0)
-    scheduler.add_argument("--cpus-per-node", type=int)
-    scheduler.add_argument("--partition")
-    scheduler.add_argument("--account")
+    scheduler.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request per node (default: 0)")
+    scheduler.add_argument("--cpus-per-node", type=int, help="CPU cores to request per node (default: the scheduler's)")
+    scheduler.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    scheduler.add_argument("--account", help="SLURM account to charge (default: yours)")
     scheduler.add_argument("--time", help="SLURM time limit, e.g. 24:00:00")
     scheduler.add_argument("--image", default="titan-pretrain:latest", help="container image (k8s)")
     scheduler.add_argument("--namespace", help="Kubernetes namespace")
     scheduler.add_argument("--run-volume-claim", help="PersistentVolumeClaim holding the run dir (k8s)")
-    parser.add_argument("overrides", nargs="*", help="the recipe's Hydra overrides, e.g. model=small")
+    parser.add_argument("overrides", nargs="*",
+                        help="the recipe's Hydra overrides, passed to every rank as they are: key=value, "
+                             "+key=value (a new key), group=option, e.g. model=1b training.steps=1000; "
+                             "--run-dir adds run.dir=..., and more than one node adds parallel.hierarchical=true "
+                             "unless the overrides set the layout. Keys: python -m recipes.pretrain --help")
     return parser
 
 

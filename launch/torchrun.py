@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shlex
+import signal
 import socket
 import struct
 import sys
@@ -63,7 +64,9 @@ def command_line(spec: LaunchSpec) -> str:
 
 def run(spec: LaunchSpec) -> int:
     """Run torchrun's elastic agent here; the exit status is the first failed worker's (2 for a config
-    error, 3 for a dead peer, 128 + signal when killed), 0 when every worker succeeded."""
+    error, 3 for a dead peer, 4 for a checkpoint that could not be written, 5 for a non-finite step,
+    128 + signal when killed), 0 when every worker succeeded."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args
@@ -83,4 +86,8 @@ def run(spec: LaunchSpec) -> int:
               f"Check that every node runs the same --rdzv-endpoint and --run-dir, that node 0 is up, and "
               f"that --iface names the network between the nodes.", file=sys.stderr, flush=True)
         return 1
+    except SignalException as stopped:  # Ctrl-C or SIGTERM here: the agent passed it on to the workers
+        print(f"launch: stopped by {signal.Signals(stopped.sigval).name}; the workers were asked to save a "
+              "checkpoint at their step end and stop (rerun the same command to resume).", file=sys.stderr, flush=True)
+        return SIGNAL_EXIT_BASE + stopped.sigval
     return 0

@@ -6,6 +6,7 @@ import gc
 import os
 import socket
 import sys
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, NoReturn
@@ -154,6 +155,30 @@ def shutdown(wait_for_peers: bool = True) -> None:
         if wait_for_peers:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def report_once(text: str) -> None:
+    """Print `text` on stderr from whichever rank of the job reports it first.
+
+    Ranks often detect the same error (a config error, a corrupt checkpoint) at slightly different
+    times, and torchrun stops the slower ones as soon as one exits: printing only on rank 0 can lose
+    the message. Each rank instead counts the text in torchrun's own store, which outlives the
+    workers; the first to count it prints. Outside torchrun every rank prints.
+    """
+    if _first_to_report(text):
+        print(text, file=sys.stderr, flush=True)
+
+
+def _first_to_report(text: str) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return True
+    key = f"titan/report/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{zlib.crc32(text.encode())}"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=5))
+        return store.add(key, 1) == 1
+    except (KeyError, ValueError, RuntimeError):  # no store to ask: better twice than never
+        return True
 
 
 PEER_FAILURE_EXIT = 3

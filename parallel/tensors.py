@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -31,3 +34,19 @@ def tie_parameters(model: nn.Module, tied: tuple[tuple[str, str], ...]) -> None:
     for follower, source in tied:
         owner_path, _, name = follower.rpartition(".")
         setattr(model.get_submodule(owner_path), name, model.get_parameter(source))
+
+
+def all_finite(tensors: Iterable[torch.Tensor], device: torch.device) -> bool:
+    """Whether every element of `tensors` (this rank's shards of DTensors) is finite on every rank
+    (collective when distributed: one all-reduce of a flag on `device`, the process group's)."""
+    finite = True
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
+            finite = False
+            break
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if finite else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite

@@ -18,6 +18,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from parallel.mesh import report_once
+from recipes.help import HelpRequest, UnknownSection, config_groups, help_request, render_help
+
 CONFIG_ERROR_EXIT = 2
 
 
@@ -31,11 +34,10 @@ def config_dir() -> Path:
     return Path(installed.__file__).parent
 
 
-def fail(message: str, rank: int = 0) -> NoReturn:
-    """Print a config error once (rank 0) and exit with code 2."""
-    if rank == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(CONFIG_ERROR_EXIT)
+def fail(message: str, code: int = CONFIG_ERROR_EXIT) -> NoReturn:
+    """Print an error once per job (by the first rank that reports it) and exit with `code`."""
+    report_once(f"error: {message}")
+    raise SystemExit(code)
 
 
 def _problem(exc: BaseException) -> str:
@@ -53,13 +55,14 @@ def _key_of(exc: BaseException) -> str | None:
     return (match.group(1) or match.group(2)) if match else None
 
 
-def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    """Compose `configs/<name>.yaml` with command-line overrides; exit 2 on unknown keys or bad types."""
+def compose_config(name: str, overrides: list[str], require_values: bool = True) -> DictConfig:
+    """Compose `configs/<name>.yaml` with command-line overrides; exit 2 on unknown keys or bad types,
+    and on required (`???`) keys left unset unless `require_values` is false."""
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose(config_name=name, overrides=overrides)
         OmegaConf.resolve(cfg)
-        missing = sorted(OmegaConf.missing_keys(cfg))
+        missing = sorted(OmegaConf.missing_keys(cfg)) if require_values else []
         if missing:
             fail(f"config error at `{missing[0]}`: no value given. Fix: set {missing[0]}=<value> on the command line.")
         return cfg
@@ -74,11 +77,11 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 
 
 def parse_args(name: str, argv: list[str]) -> DictConfig:
-    """The composed config from command-line overrides; `--cfg` prints it and exits."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: python -m recipes.{name} [key=value ...] [--cfg]\n"
-              f"Config: {config_dir() / (name + '.yaml')}. `--cfg` prints the composed config.")
-        raise SystemExit(0)
+    """The composed config from command-line overrides; `--cfg` prints it and exits, `--help [section]`
+    prints the groups and keys (see recipes/help.py) and exits."""
+    request = help_request(argv)
+    if request is not None:
+        print_help(name, request)
     overrides = [a for a in argv if a != "--cfg"]
     bad = [a for a in overrides if a.startswith("-")]
     if bad:
@@ -90,13 +93,30 @@ def parse_args(name: str, argv: list[str]) -> DictConfig:
     return cfg
 
 
+def print_help(name: str, request: HelpRequest) -> NoReturn:
+    """Print the help of `recipes.<name>` for the config composed from the request's overrides; exit 0."""
+    cfg = compose_config(name, request.overrides, require_values=False)
+    try:
+        usage = f"python -m recipes.{name} [group=option ...] [key=value ...] [--cfg] [--help [section]]"
+        text = render_help(usage, cfg, config_groups(config_dir(), name), request.section)
+    except UnknownSection as exc:
+        fail(str(exc))
+    trailer = f"\n\nconfig: {config_dir() / (name + '.yaml')}; `--cfg` prints the composed config."
+    print(text + (trailer if request.section is None else ""))
+    raise SystemExit(0)
+
+
 @contextmanager
-def config_errors(rank: int = 0) -> Iterator[None]:
-    """Turn ConfigError / LayoutError raised inside the block into a clean exit 2."""
+def config_errors() -> Iterator[None]:
+    """Turn a ConfigError / LayoutError (exit 2) or a RunStopped (its own exit code) raised inside the
+    block into one paragraph on stderr and a clean exit."""
     from parallel.errors import LayoutError
     from titan.config import ConfigError
+    from titan.errors import RunStopped
 
     try:
         yield
     except (ConfigError, LayoutError) as exc:
-        fail(str(exc), rank)
+        fail(str(exc))
+    except RunStopped as exc:
+        fail(str(exc), exc.exit_code)

@@ -1,7 +1,9 @@
 """Export a checkpoint as a Hugging Face Llama folder that `transformers` loads offline.
 
 `python -m recipes.export checkpoint=<step dir> out=<dir>` writes config.json, model.safetensors
-(sharded with an index past `max_shard_gb`) and the tokenizer files.
+(sharded with an index past `max_shard_gb`) and the tokenizer files. The folder is written beside
+`out` and swapped in whole: with `overwrite=true` nothing of a previous export (say, its weight
+shards and index) is left, and a failed export leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from recipes.cli import config_errors, fail
+from recipes.help import UnknownSection, help_request, render_help
 from titan.checkpoint import COMMIT_MARKER, CheckpointManager
 from titan.checkpoint.hf import hf_config, save_hf_weights, write_byte_tokenizer, write_tokenizer_config
 from titan.checkpoint.manifest import CorruptCheckpointError
 from titan.config import ConfigError, ModelConfig
 from titan.data.corpus import SHARD_META
-from titan.data.tokenizer import load_tokenizer
+from titan.data.tokenizer import Tokenizer, load_tokenizer
+from titan.fileio import inside, staged
 from titan.models import build_model
 
 
@@ -31,8 +35,8 @@ from titan.models import build_model
 class ExportConfig:
     checkpoint: str = "???"  # <run.dir>/checkpoints/step-<N>
     out: str = "???"  # the folder to write
-    max_shard_gb: float = 5.0
-    overwrite: bool = False
+    max_shard_gb: float = 5.0  # largest safetensors file; bigger models are sharded with an index
+    overwrite: bool = False  # replace a non-empty `out` (whole)
 
 
 def tokenizer_spec(saved: dict) -> tuple[str, str | None]:
@@ -44,13 +48,24 @@ def tokenizer_spec(saved: dict) -> tuple[str, str | None]:
     return data["tokenizer"], data.get("eot_token")
 
 
-def export(cfg: ExportConfig) -> Path:
-    step_dir, out = Path(cfg.checkpoint).expanduser().resolve(), Path(cfg.out).expanduser().resolve()
+def check_paths(step_dir: Path, out: Path, overwrite: bool) -> None:
+    """A committed checkpoint, and an `out` that is new, empty or (with `overwrite`) replaceable."""
     if not (step_dir / COMMIT_MARKER).is_file():
         raise ConfigError("checkpoint", f"{step_dir} is not a committed checkpoint folder.",
                           "point it at <run.dir>/checkpoints/step-<N>.")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} is a file.", "pick a folder path for out.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError("out", f"{out} already exists and is not empty.", "pick a new folder or pass overwrite=true.")
+    if inside(step_dir, out):
+        raise ConfigError("out", f"{out} holds the checkpoint {step_dir}, which replacing {out} would delete.",
+                          "pick an out folder outside the run's checkpoints.")
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Write the checkpoint's weights, config and tokenizer as an HF folder that replaces `cfg.out` whole."""
+    step_dir, out = Path(cfg.checkpoint).expanduser().resolve(), Path(cfg.out).expanduser().resolve()
+    check_paths(step_dir, out, cfg.overwrite)
     try:
         CheckpointManager.verify(step_dir)
     except CorruptCheckpointError as exc:
@@ -61,26 +76,37 @@ def export(cfg: ExportConfig) -> Path:
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(step_dir))
-    out.mkdir(parents=True, exist_ok=True)
     spec, eot_token = tokenizer_spec(saved)
     tokenizer = load_tokenizer(spec, eot_token)
-    if spec == "byte":
-        write_byte_tokenizer(out, model_cfg.max_seq_len)
-    else:
-        source = Path(spec) / "tokenizer.json" if Path(spec).is_dir() else Path(spec)
-        shutil.copyfile(source, out / "tokenizer.json")
-        write_tokenizer_config(out, tokenizer.decode([tokenizer.eot_id]) or eot_token, model_cfg.max_seq_len)
-    (out / "config.json").write_text(json.dumps(hf_config(model_cfg, tokenizer.eot_id), indent=1))
     full = {k: v.detach().to(torch.float32) for k, v in state["model"].items()}
-    save_hf_weights(full, out, model_cfg.tie_embeddings, int(cfg.max_shard_gb * 1e9))
+    with staged(out) as folder:
+        write_tokenizer(folder, spec, eot_token, tokenizer, model_cfg.max_seq_len)
+        (folder / "config.json").write_text(json.dumps(hf_config(model_cfg, tokenizer.eot_id), indent=1))
+        save_hf_weights(full, folder, model_cfg.tie_embeddings, int(cfg.max_shard_gb * 1e9))
     return out
+
+
+def write_tokenizer(folder: Path, spec: str, eot_token: str | None, tokenizer: Tokenizer, max_seq_len: int) -> None:
+    """The tokenizer files: our byte-level one as a `tokenizers` model, or a copy of the HF tokenizer.json."""
+    if spec == "byte":
+        write_byte_tokenizer(folder, max_seq_len)
+        return
+    source = Path(spec) / "tokenizer.json" if Path(spec).is_dir() else Path(spec)
+    shutil.copyfile(source, folder / "tokenizer.json")
+    write_tokenizer_config(folder, tokenizer.decode([tokenizer.eot_id]) or eot_token, max_seq_len)
 
 
 def parse(argv: list[str]) -> ExportConfig:
     """`key=value` arguments typed by ExportConfig (plain OmegaConf: `checkpoint` is also the name
     of a config group of the pretrain recipe, which Hydra would take this key for)."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+    request = help_request(argv)
+    if request is not None:
+        usage = "python -m recipes.export checkpoint=<step dir> out=<dir> [key=value ...] [--help]"
+        try:
+            text = render_help(usage, OmegaConf.structured(ExportConfig), {}, request.section)
+        except UnknownSection as exc:
+            fail(str(exc))
+        print(f"{__doc__.strip()}\n\n{text}")
         raise SystemExit(0)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(ExportConfig), OmegaConf.from_dotlist(argv))

@@ -15,10 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from parallel.mesh import init_process_group, read_env, run_main
+from parallel.tensors import all_finite
 from recipes.cli import config_errors, parse_args
 from titan.checkpoint import CheckpointManager
-from titan.checkpoint.resume import load_newest_intact, resume_candidates
+from titan.checkpoint.resume import config_changes, describe_changes, load_newest_intact, resume_candidates
 from titan.config import ConfigError, PretrainConfig, register_schemas, validate
+from titan.data.checks import check_source, check_windows
 from titan.data.loader import DataBundle, eval_batches, load_data, train_loader
 from titan.data.sequence_log import SequenceIdLog
 from titan.metrics import (
@@ -29,27 +31,23 @@ from titan.metrics import (
     WandbSink,
     default_peak_tflops,
     truncate_after_step,
+    wandb_problem,
 )
 from titan.build import build_layout, build_parallel_model, check_layout, report_mesh, resolve_dims
 from titan.models import flops_per_token
-from titan.optim import build_optimizer, build_scheduler
+from titan.errors import NonFiniteStepError
+from titan.optim import apply_settings, build_optimizer, build_scheduler
 from titan.preemption import PreemptionWatch
+from titan.run_dir import RunDirLock, check_writable
 from titan.trainer import Trainer, TrainState
 
 WANDB_ID_FILE = "wandb_run_id"
 
 
 def check_data(cfg: PretrainConfig) -> None:
-    """Fail before any work when the corpus cannot be read."""
+    """Fail before any work when the corpus or the tokenizer is not there."""
     d = cfg.data
-    if d.source != "pydoc" and not d.path:
-        raise ConfigError("data.path", f"data={d.name} needs a corpus path; none given.",
-                          "set data.path=<file|folder|glob>.")
-    if d.source != "pydoc" and not (d.path and (Path(d.path).exists() or any(c in d.path for c in "*?["))):
-        raise ConfigError("data.path", f"{d.path!r} does not exist.", "point data.path at your files.")
-    if d.source == "tokens" and not (Path(d.path) / "meta.json").is_file():
-        raise ConfigError("data.path", f"{d.path} holds no meta.json from recipes.prepare_data.",
-                          "run `python -m recipes.prepare_data` and point data.path at its out folder.")
+    check_source(d)
     if d.tokenizer != "byte" and d.source != "tokens" and not Path(d.tokenizer).exists():
         raise ConfigError("data.tokenizer", f"{d.tokenizer!r} does not exist.",
                           "use `byte` or the path of a Hugging Face tokenizer.json.")
@@ -60,13 +58,16 @@ def main(argv: list[str]) -> None:
     raw = parse_args("pretrain", argv)
     cfg: PretrainConfig = OmegaConf.to_object(raw)
     env = read_env()
-    with config_errors(env.rank):
+    stop = PreemptionWatch(env.device, announce=env.is_writer)  # until training starts, a signal stops at once
+    run_dir = Path(cfg.run.dir).expanduser().resolve()
+    with config_errors():
         dims = resolve_dims(cfg, env)
         validate(cfg, env.world_size, dims.dp_size)
         check_layout(cfg, dims, env.device)
         check_data(cfg)
-        run_dir = Path(cfg.run.dir).expanduser().resolve()
-        candidates = resume_candidates(cfg.checkpoint, run_dir, CheckpointManager(run_dir, cfg.checkpoint.keep, False))
+        if env.is_writer and cfg.logging.wandb.enabled:
+            check_wandb(cfg)
+        lock, candidates = claim_run_dir(cfg, env.is_writer, run_dir)
         data = load_checked_data(cfg)
 
     torch.set_num_threads(cfg.training.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
@@ -75,30 +76,36 @@ def main(argv: list[str]) -> None:
     device = env.device
     init_process_group(env, cfg.parallel.timeout_s)
     log = partial(print, flush=True) if env.is_writer else (lambda *args, **kwargs: None)
-    with config_errors(env.rank):
+    with config_errors():
         layout = build_layout(dims, env)
         report_mesh(layout, env, run_dir)
         model, par = build_parallel_model(cfg, layout, device)
-    manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer, cfg.checkpoint.async_save)
+    manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer, cfg.checkpoint.async_save, log)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps)
-    loader = train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size)
+    loader = train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size, cfg.checkpoint.new_data_seed)
 
     state, wandb_id = TrainState(), None
-    with config_errors(env.rank):  # a corrupt checkpoint ends the run here, before any training
-        resumed = load_newest_intact(candidates, cfg.checkpoint.on_corrupt, cfg.model, model, optimizer, log)
+    config_now = OmegaConf.to_container(raw)
+    with config_errors():  # a corrupt or incompatible checkpoint ends the run here, before any training
+        resumed = load_newest_intact(candidates, cfg.checkpoint.on_corrupt, config_now, model, optimizer, log,
+                                     cfg.checkpoint.new_data_seed)
     if resumed is not None:
         resume_from, saved = resumed
         state = TrainState(step=saved["step"], tokens=saved["tokens"])
-        scheduler.load_state_dict(saved["scheduler"])
+        apply_settings(optimizer, cfg.optim)  # this run's hyper-parameters, not the checkpoint's
         loader.load_state_dict(saved["data"])
         torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
         wandb_id = saved.get("wandb_run_id")
         log(f"resumed from {resume_from} at step {state.step}")
+        changes = config_changes(saved["config"], config_now)
+        if changes:
+            log(f"settings that differ from the checkpoint's, in effect from step {state.step + 1}: "
+                f"{describe_changes(changes)}")
         if state.step >= cfg.training.steps:
             log(f"run already complete at step {state.step} (training.steps={cfg.training.steps}); "
                 f"raise training.steps to go on. Outputs: {run_dir}")
             return
+    scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps, state.step)
 
     metrics = MetricsLogger()
     if env.is_writer:
@@ -106,51 +113,92 @@ def main(argv: list[str]) -> None:
     dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
     peak = cfg.training.peak_tflops or default_peak_tflops(device, dtype)
     throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.training.seq_len), env.world_size, peak)
-    preemption = PreemptionWatch(device)
 
     def save(s: TrainState) -> None:
+        if not all_finite(training_tensors(model, optimizer), device):
+            raise NonFiniteStepError(f"step {s.step}: the parameters or optimizer state hold NaN or infinite values, "
+                                     "so its checkpoint was not written. Fix: lower optim.lr (or raise "
+                                     "lr.warmup_steps, or set training.grad_clip), then rerun the same command: it "
+                                     "resumes from the newest committed checkpoint with the new settings.")
         train_state = {"step": s.step, "tokens": s.tokens, "scheduler": scheduler.state_dict(),
                        "data": loader.state_dict(), "wandb_run_id": wandb_id,
-                       "rng": torch.get_rng_state().tolist(), "config": OmegaConf.to_container(raw)}
+                       "rng": torch.get_rng_state().tolist(), "config": config_now}
         manager.save(s.step, model, optimizer, train_state)
 
     def on_step_end(s: TrainState) -> bool:
         manager.poll()
-        preempted = preemption.requested()
-        if cfg.checkpoint.enabled and (preempted or (cfg.checkpoint.interval and s.step % cfg.checkpoint.interval == 0)):
+        stopping = stop.requested()
+        if cfg.checkpoint.enabled and (stopping or (cfg.checkpoint.interval and s.step % cfg.checkpoint.interval == 0)):
             save(s)
-        if preempted:
-            log(f"preempted (SIGTERM): checkpoint of step {s.step} saved; the same command resumes it")
-        return preempted
+        if stopping:
+            how = "stopped (Ctrl-C)" if stop.exit_code else "preempted (SIGTERM)"
+            log(f"{how}: " + (f"checkpoint of step {s.step} saved; the same command resumes it"
+                              if cfg.checkpoint.enabled else f"at step {s.step}; checkpoints are off, nothing saved"))
+        return stopping
 
     on_batches = SequenceIdLog(run_dir, par.dp_group, env.is_writer) if cfg.logging.sequence_ids else None
     trainer = Trainer(cfg, model, optimizer, scheduler, iter(loader),
                       lambda: eval_batches(data, cfg.training, layout.dp_rank, dims.dp_size, cfg.eval.steps), par,
                       device, metrics, throughput, state, on_step_end, on_batches)
-    try:
-        state = trainer.fit()
-        if cfg.checkpoint.enabled and manager.latest() != manager.folder / f"step-{state.step}" and not (
-                manager.pending and manager.pending.step == state.step):
-            save(state)
-        manager.close()
-    finally:
-        metrics.close()
+    stop.start_training()
+    with config_errors():  # a non-finite step or a failed save: one paragraph, its own exit code
+        try:
+            state = trainer.fit()
+            if cfg.checkpoint.enabled and manager.latest() != manager.folder / f"step-{state.step}" and not (
+                    manager.pending and manager.pending.step == state.step):
+                save(state)
+            manager.close()
+        except NonFiniteStepError:
+            manager.close()  # a save of an earlier, finite step still in flight is finished and committed
+            raise
+        finally:
+            metrics.close()
     log(f"done: {state.step} steps, {state.tokens} tokens. Outputs in {run_dir}: config.yaml, metrics.jsonl"
         + (", checkpoints/" if cfg.checkpoint.enabled else "") + (", wandb/" if cfg.logging.wandb.enabled else ""))
+    del lock  # held to here: released when this process ends
+    if stop.exit_code:
+        raise SystemExit(stop.exit_code)
+
+
+def claim_run_dir(cfg: PretrainConfig, is_writer: bool, run_dir: Path) -> tuple[RunDirLock | None, list[Path]]:
+    """Check the folder is writable, lock it (the writer) and list the checkpoints to resume from.
+    The writer owns the folder before anything is written; the other ranks write only after the
+    process group exists, which needs the writer."""
+    listing = CheckpointManager(run_dir, cfg.checkpoint.keep, False)
+    resume_candidates(cfg.checkpoint, run_dir, listing)  # a bad checkpoint.resume is refused before any write
+    check_writable(run_dir)
+    lock = RunDirLock(run_dir) if is_writer else None
+    return lock, resume_candidates(cfg.checkpoint, run_dir, listing)  # listed again, now the folder is ours
+
+
+def training_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Parameters and optimizer state: what a checkpoint holds besides small counters."""
+    state = [v for per_param in optimizer.state.values() for v in per_param.values() if isinstance(v, torch.Tensor)]
+    return [*model.parameters(), *state]
+
+
+def check_wandb(cfg: PretrainConfig) -> None:
+    """An online W&B run needs a key and a reachable server: refuse up front, before anything is written."""
+    problem = wandb_problem(cfg.logging.wandb.mode)
+    if problem:
+        raise ConfigError("logging.wandb.mode", f"{problem}, so the W&B run could not start.",
+                          "run `wandb login` (or set WANDB_API_KEY) on a machine that reaches the server; or set "
+                          "logging.wandb.mode=offline and upload later with `wandb sync <run.dir>/wandb/offline-run-*`; "
+                          "or turn W&B off with logging.wandb.enabled=false.")
 
 
 def load_checked_data(cfg: PretrainConfig) -> DataBundle:
     """Tokenize or map the corpus; refuse one the model or the windows cannot use."""
     try:
         data = load_data(cfg.data, cfg.training.seq_len)
+    except ConfigError:  # a bad file or line, named where it was read
+        raise
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError("data", f"could not read the corpus: {exc}.", "check data.path and data.tokenizer.")
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({data.vocab_size}).", f"set model.vocab_size={data.vocab_size} or more.")
-    if len(data.train) < 1 or (cfg.eval.interval and len(data.eval) < 1):
-        raise ConfigError("training.seq_len", f"the corpus is too small for windows of {cfg.training.seq_len} "
-                          "tokens in its train and eval splits.", "lower training.seq_len or add data.")
+    check_windows(data.train, data.eval, cfg.data.eval_fraction, bool(cfg.eval.interval))
     return data
 
 

@@ -26,18 +26,18 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Llama-style decoder shape."""
 
-    name: str = "debug"
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    vocab_size: int = 512
-    ffn_hidden_dim: int = 192
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    name: str = "debug"  # the shape's name (part of run.name)
+    dim: int = 64  # width of the residual stream (hidden size)
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4  # attention (query) heads; dim / n_heads must be even
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention); must divide n_heads
+    vocab_size: int = 512  # embedding rows; at least the tokenizer's vocabulary
+    ffn_hidden_dim: int = 192  # hidden width of the SwiGLU feed-forward
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base frequency
+    max_seq_len: int = 2048  # longest sequence the RoPE tables cover; >= training.seq_len
+    tie_embeddings: bool = False  # share the token embedding with the output projection
+    init_std: float = 0.02  # std of the normal weight init (output projections scaled by 1/sqrt(2 n_layers))
     init_from: Optional[str] = None  # a Hugging Face Llama folder to start from instead of random weights
 
 
@@ -45,48 +45,49 @@ class ModelConfig:
 class DataConfig:
     """Where the text comes from and how it is tokenized."""
 
-    name: str = "pydoc"
+    name: str = "pydoc"  # the data config's name (part of run.name)
     source: str = "pydoc"  # pydoc | text | jsonl | tokens
     path: Optional[str] = None  # file, folder or glob (text/jsonl); folder of shards (tokens)
     text_field: str = "text"  # JSONL field holding a document
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     eot_token: Optional[str] = None  # end-of-text token of a HF tokenizer; guessed when unset
     eval_fraction: float = 0.05  # tail of the token stream held out for eval
-    num_workers: int = 0
+    num_workers: int = 0  # data loader worker processes; 0 loads in the training process
+    verify_checksums: bool = False  # data=tokens: also check each shard's CRC-32 (reads every shard; sizes always are)
 
 
 @dataclass
 class TrainingConfig:
-    steps: int = 200
-    seed: int = 1234
+    steps: int = 200  # optimizer steps of the whole run
+    seed: int = 1234  # seed of the initial weights and the data order
     global_batch_size: int = 16  # sequences per optimizer step, whatever the layout
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per training sequence
     dtype: str = "float32"  # float32 | bfloat16
-    deterministic: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower, bit-reproducible kernels)
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
     peak_tflops: Optional[float] = None  # per device, for MFU; guessed from the device when unset
     num_threads: Optional[int] = None  # torch intra-op threads per rank (CPU); unset = cores / local ranks
     activation_checkpoint: str = "none"  # none | full | selective (every activation_checkpoint_every-th block)
-    activation_checkpoint_every: int = 2
+    activation_checkpoint_every: int = 2  # selective: checkpoint every N-th block
     compile: bool = False  # torch.compile each block
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    name: str = "adamw"  # optimizer: adamw
+    lr: float = 3e-3  # peak learning rate (after warmup)
+    weight_decay: float = 0.1  # decoupled weight decay
+    beta1: float = 0.9  # Adam first-moment decay
+    beta2: float = 0.95  # Adam second-moment decay
+    eps: float = 1e-8  # Adam denominator epsilon
     implementation: str = "auto"  # auto | foreach | fused | for_loop
 
 
 @dataclass
 class LRConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # steps of linear warmup up to optim.lr
     min_lr_ratio: float = 0.1  # floor of the decay as a fraction of optim.lr
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
 
@@ -99,15 +100,15 @@ class EvalConfig:
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = 1
+    dp_replicate: int = 1  # data-parallel replicas: HSDP with dp_shard > 1, DDP with dp_shard = 1
     dp_shard: int = -1  # -1: whatever ranks are left
-    tp: int = 1
-    pp: int = 1
-    pp_schedule: str = "1f1b"
-    pp_virtual_stages: int = 1
+    tp: int = 1  # tensor-parallel degree (heads, vocabulary and hidden sizes must divide)
+    pp: int = 1  # pipeline-parallel stages
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv | dualpipev
+    pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved and V schedules)
     pp_microbatches: Optional[int] = None  # default: local batch / training.micro_batch_size
     pp_layers_per_stage: Optional[List[int]] = None  # explicit split; default balances estimated FLOPs
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # with tp > 1: shard norms and residuals along the sequence too
     reshard_after_forward: Any = True  # true | false | int (secondary partition size)
     hierarchical: bool = False  # dp_replicate = nodes, dp_shard = ranks per node / tp
     loss_parallel: bool = True  # with tp > 1: cross-entropy on vocabulary-sharded logits
@@ -118,48 +119,49 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 0  # save every N steps; 0 = only at the end
-    keep: int = 2
+    keep: int = 2  # committed checkpoints kept; older ones are pruned
     resume: str = "auto"  # auto | none | <step dir>
     async_save: bool = False  # write in the background while training goes on
     on_corrupt: str = "fail"  # fail | previous (fall back to the previous commit)
-    enabled: bool = True
+    new_data_seed: bool = False  # on resume, draw the rest of the data order from training.seed even if it changed
+    enabled: bool = True  # false: save no checkpoints
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = False
-    project: str = "titan"
-    name: Optional[str] = None
-    entity: Optional[str] = None
+    enabled: bool = False  # log metrics to Weights & Biases (needs a key or mode=offline)
+    project: str = "titan"  # W&B project
+    name: Optional[str] = None  # W&B run name; unset = run.name
+    entity: Optional[str] = None  # W&B team or user; unset = your default
     mode: str = "online"  # online | offline
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10
-    progress_bar: bool = True
+    log_interval: int = 10  # log metrics every N steps (and on eval and the last step)
+    progress_bar: bool = True  # console progress bar between logged steps
     sequence_ids: bool = False  # write <run.dir>/sequence_ids.jsonl: the ids of each step's global batch
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases sink
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    dir: str = "runs/run"
+    name: str = "run"  # the run's name (console, W&B)
+    dir: str = "runs/run"  # the run's folder: config, metrics, checkpoints; one for all ranks
 
 
 @dataclass
 class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lr: LRConfig = field(default_factory=LRConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the Llama-style decoder's shape
+    data: DataConfig = field(default_factory=DataConfig)  # the corpus and its tokenizer
+    training: TrainingConfig = field(default_factory=TrainingConfig)  # steps, batch sizes, precision, memory savers
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the optimizer
+    lr: LRConfig = field(default_factory=LRConfig)  # the learning-rate schedule
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out loss during training
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout: FSDP, HSDP, TP, PP degrees
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, keeping and resuming
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # console, metrics.jsonl and W&B
+    run: RunConfig = field(default_factory=RunConfig)  # the run's name and folder
 
 
 def register_schemas() -> None:

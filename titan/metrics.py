@@ -7,12 +7,20 @@ trainer calls the same code everywhere and exactly one rank writes.
 from __future__ import annotations
 
 import json
+import math
+import netrc
+import os
 import resource
+import socket
 import time
+import urllib.request
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
+from urllib.parse import urlparse
 
 import torch
+
+from titan.errors import StorageError
 
 # Dense peak TFLOP/s per device for bf16 (GPU tensor cores); fp32 uses the TF32 figure (half).
 GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
@@ -70,6 +78,12 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def strict_json(record: dict[str, Any]) -> str:
+    """One line of standard JSON: NaN and infinities (which `json` would write bare) become null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
 class JsonlSink:
     """One JSON object per logged step in `<run.dir>/metrics.jsonl`."""
 
@@ -77,19 +91,48 @@ class JsonlSink:
         self.file = path.open("a" if append else "w", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(strict_json(metrics) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise StorageError(f"step {metrics['step']}: could not write {self.file.name} ({exc.strerror or exc}). "
+                               "Fix: free space on that disk or move the run folder to a working one (run.dir), "
+                               "then rerun the same command: it resumes from the newest committed checkpoint.") from exc
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # every line was flushed when written; a failed write was reported then
+            pass
 
 
-def truncate_after_step(path: Path, step: int) -> None:
-    """Drop JSON lines whose `step` is past `step` (what a crashed attempt logged after its last checkpoint)."""
+def read_jsonl(path: Path, warn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file; a line that does not parse (the torn last line of a process
+    killed mid-write) is dropped with a warning naming the file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        else:
+            warn(f"warning: {path}:{number} is not a complete JSON record (a write cut short?); dropped it")
+    return rows
+
+
+def truncate_after_step(path: Path, step: int, warn: Callable[[str], None] = print) -> None:
+    """Drop JSON lines whose `step` is past `step` (what a crashed attempt logged after its last
+    checkpoint) and lines that do not parse; rewrite the file atomically."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [row for row in read_jsonl(path, warn) if row["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(strict_json(row) + "\n" for row in keep), encoding="utf-8")
+    tmp.replace(path)
 
 
 class ConsoleSink:
@@ -128,8 +171,39 @@ class ConsoleSink:
         self.progress.stop()
 
 
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+
+
+def wandb_problem(mode: str, timeout_s: float = 5.0) -> str | None:
+    """Why an online W&B run cannot start on this machine (no API key, server out of reach), or None.
+    Checked before any work, so a missing login never ends a run after the model is built."""
+    if mode != "online":
+        return None
+    url = os.environ.get("WANDB_BASE_URL", WANDB_DEFAULT_URL)
+    parsed = urlparse(url)
+    if not (os.environ.get("WANDB_API_KEY") or _netrc_has(parsed.hostname or "")):
+        return f"no W&B API key is configured for {url} (no WANDB_API_KEY, no entry in ~/.netrc)"
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    target = urlparse(proxy) if proxy and not urllib.request.proxy_bypass(parsed.hostname or "") else parsed
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"the W&B server {url} cannot be reached from this machine ({exc.strerror or exc})"
+    return None
+
+
+def _netrc_has(host: str) -> bool:
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 class WandbSink:
-    """A W&B run under `<run.dir>/wandb`; its id is kept in the run dir so a resume continues it."""
+    """A W&B run under `<run.dir>/wandb`; its id is kept in the run dir so a resume continues it.
+    A W&B failure after the start (the server gone, a full disk) is reported once and training goes
+    on: metrics.jsonl and the console keep every step."""
 
     def __init__(self, run_dir: Path, project: str, name: str | None, entity: str | None, mode: str,
                  config: dict[str, Any], run_id: str | None):
@@ -138,12 +212,23 @@ class WandbSink:
         self.run = wandb.init(project=project, name=name, entity=entity, mode=mode, dir=str(run_dir),
                               config=config, id=run_id, resume="allow" if run_id else None)
         self.run_id = self.run.id
+        self.failed = False
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        if self.failed:
+            return
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop training
+            self.failed = True
+            print(f"warning: W&B stopped working ({type(exc).__name__}: {exc}); training goes on and logs to "
+                  "metrics.jsonl and the console.", flush=True)
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        self._guarded(lambda: self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"]))
 
     def close(self) -> None:
-        self.run.finish()
+        self._guarded(self.run.finish)
 
 
 class MetricsLogger:

@@ -11,13 +11,18 @@ from torch.optim.lr_scheduler import LambdaLR
 from titan.config import LRConfig, OptimConfig
 
 
+def group_settings(cfg: OptimConfig) -> list[dict]:
+    """Hyper-parameters of the two parameter groups: matrices (decayed), then vectors (not decayed)."""
+    common = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    return [{**common, "weight_decay": cfg.weight_decay}, {**common, "weight_decay": 0.0}]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norm weights)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    matrices, vectors = group_settings(cfg)
+    groups = [{**matrices, "params": [p for p in params if p.ndim >= 2]},
+              {**vectors, "params": [p for p in params if p.ndim < 2]}]
     kwargs = {}
     if cfg.implementation == "fused":
         kwargs["fused"] = True
@@ -48,5 +53,14 @@ def lr_multiplier(step: int, total_steps: int, cfg: LRConfig) -> float:
     return 1.0 - (1.0 - floor) * progress
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: LRConfig, total_steps: int) -> LambdaLR:
-    return LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
+def apply_settings(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Set the configured hyper-parameters on the groups (a loaded optimizer state brings the saved ones)."""
+    for group, settings in zip(optimizer.param_groups, group_settings(cfg)):
+        group.update(settings, initial_lr=settings["lr"])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: LRConfig, total_steps: int,
+                    done_steps: int = 0) -> LambdaLR:
+    """The schedule as a function of the step and the config alone, positioned after `done_steps`
+    (a resume takes the current config's schedule from the step it resumes at)."""
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg), last_epoch=done_steps - 1)

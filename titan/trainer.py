@@ -18,6 +18,7 @@ from torch import nn
 
 from parallel.comm_stats import CommCounter
 from titan.config import PretrainConfig
+from titan.errors import NonFiniteStepError
 from titan.metrics import MetricsLogger, ThroughputMeter, peak_memory_gb
 from titan.runners import StepRunner
 
@@ -51,8 +52,17 @@ class ParallelContext:
         return value
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+def check_finite_step(step: int, loss: float, grad_norm: float) -> None:
+    """Stop before the optimizer applies a step whose loss or gradient norm is NaN or infinite (both
+    are global values, the same on every rank, so every rank stops at the same step)."""
+    bad = [f"{name} is {value}" for name, value in (("the loss", loss), ("the gradient norm", grad_norm))
+           if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteStepError(
+            f"step {step}: {' and '.join(bad)} (loss {loss:.4g}, gradient norm {grad_norm:.4g}). The update was "
+            "not applied and no checkpoint of this step was written. Fix: lower optim.lr (or raise "
+            "lr.warmup_steps, or set training.grad_clip), check the data, then rerun the same command: it "
+            "resumes from the newest committed checkpoint with the new settings.")
 
 
 class Trainer:
@@ -81,13 +91,11 @@ class Trainer:
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else math.inf
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = self.par.clip_grad_norm(params, max_norm)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"loss is {loss_value} at step {self.state.step + 1}; stopping before the "
-                                     "optimizer applies it. Lower optim.lr or check the data.")
+        loss_value, norm_value = loss.item(), float(grad_norm)
+        check_finite_step(self.state.step + 1, loss_value, norm_value)
         self.optimizer.step()
         self.scheduler.step()
-        return loss_value, float(grad_norm)
+        return loss_value, norm_value
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -110,7 +110,7 @@ def test_checkpoint_of_another_model_shape_is_refused(uninterrupted, tmp_path):
             f"run.dir={tmp_path}"]
     proc = run_recipe("recipes.pretrain", args, timeout=120)
     assert proc.returncode == 2
-    assert "config error at `model`" in proc.stderr and "model.dim" in proc.stderr
+    assert "config error at `model.dim`" in proc.stderr and "128" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

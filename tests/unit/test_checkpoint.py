@@ -4,13 +4,16 @@ the checksum taken while loading with the fall back to the previous commit, and 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
@@ -19,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from titan.checkpoint import CheckpointManager
 from titan.checkpoint.manifest import CorruptCheckpointError, file_record, read_manifest
 from titan.checkpoint.resume import load_newest_intact
+from titan.checkpoint.space import OTHER, SPACE, STORAGE, classify
 from titan.checkpoint.storage import InPlaceReader, stored_tensor
 from titan.config import ConfigError, ModelConfig
 
@@ -124,9 +128,9 @@ def test_corrupt_newest_commit_fails_or_falls_back_to_the_previous(tmp_path):
     candidates = manager.committed()[::-1]
     target, target_optim = build(2)
     with pytest.raises(ConfigError, match="on_corrupt=previous"):
-        load_newest_intact(candidates, "fail", ModelConfig(), target, target_optim, print)
+        load_newest_intact(candidates, "fail", train_state(0)["config"], target, target_optim, print)
     warnings: list[str] = []
-    path, saved = load_newest_intact(candidates, "previous", ModelConfig(), target, target_optim, warnings.append)
+    path, saved = load_newest_intact(candidates, "previous", train_state(0)["config"], target, target_optim, warnings.append)
     assert path == candidates[1] and saved["step"] == 1 and same(old, target)
     assert torch.equal(target_optim.state_dict()["state"][0]["exp_avg"], old_optim.state_dict()["state"][0]["exp_avg"])
     assert len(warnings) == 1 and "altered" in warnings[0]
@@ -221,3 +225,65 @@ def test_in_place_reader_reads_slices_of_stored_tensors(tmp_path, offsets, lengt
     assert planner.committed == 1 and torch.equal(planner.dest, expected)
     in_place = dtype == torch.float32 and lengths[1] == 4
     assert reader.in_place_bytes == (expected.numel() * 4 if in_place else 0)
+
+
+class _FillingFile:
+    """A binary file on a disk that is full after 1000 bytes."""
+
+    def __init__(self) -> None:
+        self.room = 1000
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+
+def _torch_short_write() -> BaseException:
+    """What torch (2.13) raises when a file's writes fail midway: the OS error only as its context."""
+    with pytest.raises(RuntimeError) as caught:
+        torch.save(torch.zeros(1000), _FillingFile())
+    assert "unexpected pos" in str(caught.value) and isinstance(caught.value.__context__, OSError)
+    return caught.value
+
+
+def _pickled(exc: BaseException) -> BaseException:
+    """`exc` as it reaches another rank: without its chain."""
+    return pickle.loads(pickle.dumps(exc))
+
+
+def _raised(exc: BaseException, cause: BaseException | None = None, context: BaseException | None = None):
+    exc.__cause__, exc.__context__ = cause, context
+    return exc
+
+
+def _in_dcp(exc: BaseException) -> CheckpointException:
+    try:
+        raise exc
+    except BaseException as raised:  # DCP wraps each rank's failure with its traceback
+        return CheckpointException("write", {1: _wrap_exception(raised)})
+
+
+@pytest.mark.parametrize("make, kind, detail", [
+    (lambda: _raised(RuntimeError("save failed"), cause=OSError(errno.ENOSPC, "No space left on device", "f")),
+     SPACE, "No space left on device: 'f'"),
+    (lambda: _raised(RuntimeError("save failed"), context=OSError(errno.EDQUOT, "Disk quota exceeded")),
+     SPACE, "Disk quota exceeded"),
+    (_torch_short_write, SPACE, "[Errno 28]"),
+    (lambda: _pickled(_torch_short_write()), SPACE, "a write stopped short ([enforce"),
+    (lambda: _in_dcp(_pickled(_torch_short_write())), SPACE, "unexpected pos"),
+    (lambda: _in_dcp(OSError(errno.ENOSPC, "No space left on device")), SPACE, "[Errno 28]"),
+    (lambda: _in_dcp(OSError(errno.EIO, "Input/output error", "__1_0.distcp")), STORAGE, "Input/output error"),
+    (lambda: OSError(errno.EROFS, "Read-only file system", "train_state.json"), STORAGE, "Read-only file system"),
+    (lambda: _in_dcp(ValueError("bad plan")), OTHER, "ValueError: bad plan"),
+], ids=["errno-cause", "edquot-context", "torch-short-write", "torch-pickled", "torch-in-dcp", "errno-in-dcp",
+        "eio-in-dcp", "erofs", "other"])
+def test_write_failures_are_classified_through_the_exception_chain(make, kind, detail):
+    failure = classify(make(), rank=3)
+    assert failure.kind == kind and detail in failure.detail and failure.rank == 3
+    assert "Traceback" not in failure.detail and "\n" not in failure.detail

@@ -11,6 +11,12 @@ committed, on background threads (the commit's collectives on a process group of
 training goes on; ``poll()`` only notices that it has finished. A load checksums the shards while
 DCP reads them, and raises after the load when one does not match the manifest. The file I/O itself
 (checksums while writing, tensors read in place) is in `titan.checkpoint.storage`.
+
+A save that fails to write (full disk, read-only or failing storage) ends on every rank together: each
+phase (folder, shards, commit) gathers the ranks' outcomes, as the commit gathers their records; the
+writer removes the unfinished folder and words the error (`titan.checkpoint.space`), and every rank
+raises it. Nothing committed is touched and nothing is pruned. With ``async_save`` the ranks also agree
+on the ``poll()`` call that raises it, so they stop at the same step (see `PendingSave`).
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import re
 import shutil
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -41,6 +48,15 @@ from titan.checkpoint.manifest import (
     read_manifest,
     verify_files,
     write_manifest,
+)
+from titan.checkpoint.space import (
+    WriteFailure,
+    checkpoint_bytes,
+    classify,
+    failure_error,
+    failure_message,
+    low_space_line,
+    tensor_bytes,
 )
 from titan.checkpoint.storage import SHARD_SUFFIX, InPlaceReader, ShardWriter
 
@@ -71,13 +87,16 @@ def committed_steps(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def low_space_warning(run_dir: Path) -> str | None:
+    """One warning line when run.dir's disk has less free space than its newest committed checkpoint
+    takes (a next checkpoint will likely not fit), else None."""
+    folder = run_dir / "checkpoints"
+    steps = committed_steps(folder)
+    return low_space_line(folder, steps[-1] if steps else None)
+
+
 def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _barrier(group: dist.ProcessGroup | None = None) -> None:
-    if _distributed():
-        dist.barrier(group=group)
 
 
 def _rank() -> int:
@@ -96,9 +115,9 @@ def _all_gather(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     return out
 
 
-def _in_background(fn: Callable[..., Any], *args: Any) -> Future:
-    """Run `fn(*args)` on a daemon thread; its result, or its exception, lands in the future."""
-    future: Future = Future()
+def _in_background(fn: Callable[..., Any], *args: Any, future: Future | None = None) -> Future:
+    """Run `fn(*args)` on a daemon thread; its result, or its exception, lands in `future` (a new one by default)."""
+    future = Future() if future is None else future
 
     def run() -> None:
         try:
@@ -132,16 +151,64 @@ def _verify_own_shards(path: Path, records: dict[str, dict]) -> tuple[str, str] 
     return _problem(lambda: verify_files(path, records, names))
 
 
+def _attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> BaseException | None:
+    """Run `fn`; what it raised (DCP's CheckpointException included), or None."""
+    try:
+        fn(*args, **kwargs)
+    except (Exception, CheckpointException) as exc:
+        return exc
+    return None
+
+
+def _described(error: BaseException | None) -> WriteFailure | None:
+    """This rank's failure, small enough to gather."""
+    return classify(error, _rank()) if error is not None else None
+
+
+def _worst(failures: Iterable[WriteFailure | None]) -> WriteFailure | None:
+    """The most telling of the ranks' failures (out of space first), or None when none failed."""
+    return min((f for f in failures if f is not None), key=WriteFailure.order, default=None)
+
+
+@dataclass
+class SaveJob:
+    """One save: its step, its unfinished folder and what a failure's message needs."""
+    step: int
+    tmp: Path
+    state_bytes: int  # of this save's tensors: the size estimate when no checkpoint is committed yet
+    train_state: dict[str, Any]
+
+
 @dataclass
 class PendingSave:
+    """A save in the background. When it fails, every rank's background thread stops its training
+    thread's poll() count (`halt`) and the ranks agree on `raise_at`, one past the highest count: a
+    halted poll() waits for that, so every rank raises at the same poll() (or the save()/close() before)."""
     step: int
-    future: Future
+    future: Future = field(default_factory=Future)
+    polls: int = 0  # poll() calls since the save began
+    halted: bool = False
+    raise_at: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count_poll(self) -> tuple[int, bool, bool]:
+        """Count a poll(): (its number, halted, done), read together."""
+        with self.lock:
+            self.polls += 1
+            return self.polls, self.halted, self.future.done()
+
+    def halt(self) -> int:
+        """Background, on failure: the polls counted so far; the next poll() waits for `raise_at`."""
+        with self.lock:
+            self.halted = True
+            return self.polls
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, keep: int, is_writer: bool, async_save: bool = False):
+    def __init__(self, run_dir: Path, keep: int, is_writer: bool, async_save: bool = False,
+                 log: Callable[[str], None] = partial(print, flush=True)):
         self.folder = run_dir / "checkpoints"
-        self.keep, self.is_writer, self.async_save = keep, is_writer, async_save
+        self.keep, self.is_writer, self.async_save, self.log = keep, is_writer, async_save, log
         self.pending: PendingSave | None = None
         self.pruning: Future | None = None
         # Background writes and commits run their collectives on a group of their own. One stager
@@ -159,30 +226,40 @@ class CheckpointManager:
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any]) -> None:
-        """Write a checkpoint of `step` and commit it (both in the background with async_save)."""
+        """Write a checkpoint of `step` and commit it (both in the background with async_save). A write
+        that fails raises CheckpointSpaceError (out of space) or CheckpointWriteError on every rank, here
+        or, with async_save, from poll(), wait() or close(); its unfinished folder is removed."""
         self.wait()
-        tmp = self.folder / f".tmp-step-{step}"
-        if self.is_writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
+        if self.is_writer and (warning := low_space_warning(self.folder.parent)):
+            self.log(warning)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        writer = ShardWriter(tmp)
+        job = SaveJob(step, self.folder / f".tmp-step-{step}", tensor_bytes(state), train_state)
+        self._check(job, _attempt(self._prepare, job.tmp) if self.is_writer else None)
+        writer = ShardWriter(job.tmp)
         if self.async_save:
             written = dcp.async_save(state, storage_writer=writer, process_group=self.async_group,
                                      async_stager=self.stager or _stager())
-            self.pending = PendingSave(step, _in_background(self._commit_when_written, written, step, tmp,
-                                                            writer.records, train_state))
+            self.pending = PendingSave(step)
+            _in_background(self._commit_when_written, written, job, writer.records, self.pending,
+                           future=self.pending.future)
         else:
-            dcp.save(state, storage_writer=writer)
-            self._commit(step, tmp, writer.records, train_state)
+            self._commit(job, writer.records, _attempt(dcp.save, state, storage_writer=writer))
             if self.is_writer:
                 self.pruning = _in_background(self._prune)
 
     def poll(self) -> None:
-        """Finish a background save that is done (local: no collective)."""
-        if self.pending is not None and self.pending.future.done():
+        """Finish a background save that is done (local: no collective). A failed one raises at the
+        poll() the ranks agreed on, the same on every rank."""
+        pending = self.pending
+        if pending is None:
+            return
+        count, halted, done = pending.count_poll()
+        if halted:
+            pending.future.exception()  # wait for the agreed raise_at
+            if count >= pending.raise_at:
+                self.wait()
+        elif done:
             self.wait()
 
     def wait(self) -> None:
@@ -195,45 +272,86 @@ class CheckpointManager:
             pruning.result()
 
     def close(self) -> None:
-        """Wait for background work, then release the stager's buffers and the background group."""
-        self.wait()
-        if self.stager is not None:
-            self.stager.close()
-            self.stager = None
-        if self.async_group is not None:
-            dist.destroy_process_group(self.async_group)
-            self.async_group = None
+        """Wait for background work (raising what it raised), then release the stager's buffers and the
+        background group."""
+        try:
+            self.wait()
+        finally:
+            if self.stager is not None:
+                self.stager.close()
+                self.stager = None
+            if self.async_group is not None:
+                dist.destroy_process_group(self.async_group)
+                self.async_group = None
 
-    def _commit_when_written(self, written: Future, step: int, tmp: Path, own: dict[str, dict],
-                             train_state: dict[str, Any]) -> None:
+    @staticmethod
+    def _prepare(tmp: Path) -> None:
+        """Writer: an empty folder for the new checkpoint."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def _commit_when_written(self, written: Future, job: SaveJob, own: dict[str, dict], pending: PendingSave) -> None:
         """Background: once this rank's shards are written, commit (on the async group) and prune."""
-        written.result()
-        self._commit(step, tmp, own, train_state, self.async_group)
+        self._commit(job, own, _attempt(written.result), self.async_group, pending)
         if self.is_writer:
             self._prune()
 
-    def _commit(self, step: int, tmp: Path, own: dict[str, dict], train_state: dict[str, Any],
-                group: dist.ProcessGroup | None = None) -> None:
+    def _commit(self, job: SaveJob, own: dict[str, dict], write_error: BaseException | None,
+                group: dist.ProcessGroup | None = None, pending: PendingSave | None = None) -> None:
         """Record every rank's files (`own`: this rank's, checksummed while written) in the manifest,
-        mark the folder committed and rename it (collective over `group`)."""
-        records: dict[str, dict] = {}
-        for part in _all_gather(own, group):
-            records.update(part)
-        if self.is_writer:
-            (tmp / TRAIN_STATE).write_text(json.dumps(train_state))
-            for name in (TRAIN_STATE, METADATA):
-                fsync_path(tmp / name)
-                records[name] = file_record(tmp / name)
-            write_manifest(tmp, records)
-            marker = tmp / COMMIT_MARKER
-            marker.write_text(f"{step}\n")
-            fsync_path(marker)
-            final = self.folder / f"step-{step}"
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+        mark the folder committed and rename it; or, when a rank's write failed (`write_error`: this
+        rank's), discard the folder and raise on every rank (collective over `group`)."""
+        parts = _all_gather((own, _described(write_error)), group)
+        records = {name: record for part, _ in parts for name, record in part.items()}
+        failure = _worst(failed for _, failed in parts)
+        if failure is not None:
+            self._fail(job, failure, write_error, group, pending)
+        self._check(job, _attempt(self._write_commit, job, records) if self.is_writer else None, group, pending)
+
+    def _write_commit(self, job: SaveJob, records: dict[str, dict]) -> None:
+        """Writer: train_state.json, the manifest and the marker, then the rename that commits."""
+        tmp = job.tmp
+        (tmp / TRAIN_STATE).write_text(json.dumps(job.train_state))
+        for name in (TRAIN_STATE, METADATA):
+            fsync_path(tmp / name)
+            records[name] = file_record(tmp / name)
+        write_manifest(tmp, records)
+        marker = tmp / COMMIT_MARKER
+        marker.write_text(f"{job.step}\n")
+        fsync_path(marker)
+        final = self.folder / f"step-{job.step}"
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        try:
             fsync_path(self.folder)
-        _barrier(group)
+        except OSError:
+            final.rename(tmp)  # not durably committed: discarded with the rest
+            raise
+
+    def _check(self, job: SaveJob, error: BaseException | None, group: dist.ProcessGroup | None = None,
+               pending: PendingSave | None = None) -> None:
+        """Go on when no rank failed (`error`: this rank's); else discard the folder and raise on every
+        rank (collective over `group`: also the barrier after each phase)."""
+        failure = _worst(_all_gather(_described(error), group))
+        if failure is not None:
+            self._fail(job, failure, error, group, pending)
+
+    def _fail(self, job: SaveJob, failure: WriteFailure, cause: BaseException | None,
+              group: dist.ProcessGroup | None, pending: PendingSave | None) -> NoReturn:
+        """The writer removes the unfinished folder and words the error; every rank raises it (collective).
+        In the background, the ranks also agree on the poll() that raises it (`PendingSave`)."""
+        polls = pending.halt() if pending is not None else 0
+        message = None
+        if self.is_writer:
+            shutil.rmtree(job.tmp, ignore_errors=True)
+            previous = self.latest()
+            needed = (checkpoint_bytes(previous) if previous is not None else None) or job.state_bytes
+            message = failure_message(failure, self.folder, job.step, needed, self.keep, previous)
+        parts = _all_gather((message, polls), group)
+        if pending is not None:
+            pending.raise_at = max(count for _, count in parts) + 1
+        raise failure_error(failure, next(m for m, _ in parts if m is not None)) from cause
 
     def _prune(self) -> None:
         """Delete the commits older than the newest `keep`, and folders a crash left unfinished."""

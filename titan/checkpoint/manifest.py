@@ -30,9 +30,14 @@ class ChecksumWriter:
 
     def __init__(self, raw: BinaryIO):
         self.raw, self.size, self.crc = raw, 0, 0
+        self.error: OSError | None = None  # the first failed write's (torch.save hides it behind a RuntimeError)
 
     def write(self, data: Any) -> int:
-        n = self.raw.write(data)
+        try:
+            n = self.raw.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         self.crc = zlib.crc32(data, self.crc)
         self.size += memoryview(data).nbytes
         return n

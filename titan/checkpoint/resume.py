@@ -9,9 +9,14 @@ import torch
 
 from titan.checkpoint.manager import COMMIT_MARKER, CheckpointManager, committed_steps
 from titan.checkpoint.manifest import CorruptCheckpointError
-from titan.config import CheckpointConfig, ConfigError, ModelConfig
+from titan.config import CheckpointConfig, ConfigError
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "tie_embeddings")
+# What a resume may not change: the model's shape, what the token ids mean, how the corpus is cut
+# into windows (the data cursor counts windows), and the data order's seed (unless asked for).
+FIXED_KEYS = (*(f"model.{k}" for k in SHAPE_KEYS), "data.source", "data.tokenizer", "data.eot_token",
+              "training.seq_len")
+SEED_KEY = "training.seed"
 
 
 def resume_candidates(cfg: CheckpointConfig, run_dir: Path, manager: CheckpointManager) -> list[Path]:
@@ -32,16 +37,18 @@ def resume_candidates(cfg: CheckpointConfig, run_dir: Path, manager: CheckpointM
     return [path, *older]
 
 
-def load_newest_intact(candidates: list[Path], on_corrupt: str, model_cfg: ModelConfig, model: torch.nn.Module,
-                       optimizer: torch.optim.Optimizer, log) -> tuple[Path, dict[str, Any]] | None:
+def load_newest_intact(candidates: list[Path], on_corrupt: str, config: dict[str, Any], model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer, log, new_data_seed: bool = False
+                       ) -> tuple[Path, dict[str, Any]] | None:
     """Load the first candidate whose files match its manifest into `model` and `optimizer` (collective);
-    return it and its train state. Sizes are checked first, the shards' checksums while they load. A
+    return it and its train state. `config` is this run's config as plain containers: a checkpoint whose
+    fixed keys differ is refused. Sizes are checked first, the shards' checksums while they load. A
     corrupt checkpoint is an error, or with on_corrupt=previous, replaced by the next older commit (whose
     load overwrites every tensor the corrupt one may have left)."""
     for path in candidates:
         try:
             CheckpointManager.check_intact(path)
-            check_compatible(CheckpointManager.read_train_state(path)["config"], model_cfg, path)
+            check_resumable(CheckpointManager.read_train_state(path)["config"], config, path, new_data_seed)
             return path, CheckpointManager.load(path, model, optimizer)
         except CorruptCheckpointError as exc:
             if on_corrupt != "previous":
@@ -55,11 +62,36 @@ def load_newest_intact(candidates: list[Path], on_corrupt: str, model_cfg: Model
     return None
 
 
-def check_compatible(saved_config: dict[str, Any], model: ModelConfig, path: Path) -> None:
-    """Refuse a checkpoint of another model shape (layouts may differ; shapes may not)."""
-    saved = saved_config.get("model", {})
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs now {getattr(model, k)!r}" for k in SHAPE_KEYS
-            if saved.get(k) != getattr(model, k)]
-    if diff:
-        raise ConfigError("model", f"checkpoint {path} was written by another model shape ({'; '.join(diff)}).",
-                          "use the model settings it was trained with, or start a new run.dir.")
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every key whose value differs, sorted by key."""
+    old, new = flatten(saved), flatten(now)
+    return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+
+
+def check_resumable(saved: dict[str, Any], now: dict[str, Any], path: Path, new_data_seed: bool = False) -> None:
+    """Refuse a checkpoint whose fixed keys differ from this run's (layouts and hyper-parameters may change)."""
+    fixed = [c for c in config_changes(saved, now) if c[0] in FIXED_KEYS or (c[0] == SEED_KEY and not new_data_seed)]
+    if not fixed:
+        return
+    keys = {key for key, _, _ in fixed}
+    fix = "use the values it was trained with (see its train_state.json), or start a new run.dir"
+    if keys == {SEED_KEY}:
+        fix = (f"keep {SEED_KEY}={fixed[0][1]!r}, or set checkpoint.new_data_seed=true to draw the data order "
+               "of the rest of the run from the new seed")
+    raise ConfigError(fixed[0][0], f"checkpoint {path} was written with other values of keys a resume cannot "
+                      f"change ({describe_changes(fixed)}).", f"{fix}.")

@@ -2,7 +2,8 @@
 
 - `ShardWriter`: DCP's FileSystemWriter, checksumming each shard file as it writes it, so that the
   commit does not read the files back for the manifest (and without torch.save's own CRC-32 of
-  each record, which the manifest makes redundant).
+  each record, which the manifest makes redundant). A failed write raises its OS error (errno and
+  file), where torch.save would say only ``unexpected pos``.
 - `InPlaceReader`: DCP's FileSystemReader, reading the tensors itself: a whole stored tensor (or a
   block of its rows: a load into the layout that wrote it) straight into the destination tensor,
   any other slice or dtype through one buffer reused from tensor to tensor, where DCP would
@@ -63,7 +64,13 @@ class _ChecksummingFileSystem(FileSystem):
                 yield stream
                 return
             writer = ChecksumWriter(stream)
-            yield writer
+            try:
+                yield writer
+            except (RuntimeError, OSError) as exc:  # torch.save says "unexpected pos": raise the OS error behind it
+                error = writer.error or (exc if isinstance(exc, OSError) else None)
+                if error is None:
+                    raise
+                raise OSError(error.errno, error.strerror, str(path)) from exc  # naming the file
         self.records[Path(path).name] = writer.record()
 
 

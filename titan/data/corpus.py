@@ -3,6 +3,11 @@
 Sources: ``pydoc`` (the Python documentation bundled with the standard library, real English text
 that needs no network), local ``text`` files (one document per file), ``jsonl`` files (one document
 per line) and ``tokens``: shards written by ``python -m recipes.prepare_data``, memory-mapped.
+
+Bad input is refused here, where the file and line are known, with a :class:`ConfigError` both
+recipes report alike: a path matching no files, a line that is not JSON or lacks the text field, a
+file of undecodable bytes, a corpus without text, a token shard whose size or checksum differs from
+``meta.json``.
 """
 
 from __future__ import annotations
@@ -10,15 +15,25 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from parallel.mesh import report_once
+from titan.checkpoint.manifest import ChecksumWriter, file_record
+from titan.config import ConfigError
 from titan.data.tokenizer import Tokenizer
 
 SHARD_META = "meta.json"
 SHARD_FILE = "tokens-{:05d}.bin"
+SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl", ".json")}
+UNDECODABLE_LIMIT = 0.05  # a text file with a larger share of undecodable characters is refused as binary
+UNDECODABLE = re.compile("[\ufffd\x00]")  # what undecodable bytes (and binary zeros) read as in a .txt
+ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a non-UTF-8 byte read with errors="surrogateescape"
+JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}
 
 
 def expand_paths(path: str, suffixes: tuple[str, ...]) -> list[Path]:
@@ -31,24 +46,105 @@ def expand_paths(path: str, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
 
 
+def corpus_files(source: str, path: str) -> list[Path]:
+    """The files of a text or jsonl corpus; refuses a path that matches none."""
+    files = expand_paths(path, SUFFIXES[source])
+    if files:
+        return files
+    wanted = " or ".join(SUFFIXES[source])
+    if Path(path).is_dir():
+        problem = f"the folder {path} holds no {wanted} files (searched recursively)."
+    elif any(c in path for c in "*?["):
+        problem = f"the glob {path!r} matches no files."
+    else:
+        problem = f"{path} does not exist."
+    raise ConfigError("data.path", problem, f"point data.path at a {wanted} file, a folder holding such files, "
+                      f"or a glob of them (data={source} reads {wanted} files).")
+
+
 def iter_documents(source: str, path: str | None, text_field: str = "text") -> Iterator[str]:
-    """Yield documents of a text source in a fixed order."""
+    """Yield documents of a text source in a fixed order; refuses a corpus without any text."""
     if source == "pydoc":
         from pydoc_data.topics import topics
 
         for key in sorted(topics):
             yield topics[key]
-    elif source == "text":
-        for f in expand_paths(path, (".txt", ".md")):
-            yield f.read_text(encoding="utf-8", errors="replace")
-    elif source == "jsonl":
-        for f in expand_paths(path, (".jsonl", ".json")):
-            with f.open(encoding="utf-8") as lines:
-                for line in lines:
-                    if line.strip():
-                        yield json.loads(line)[text_field]
-    else:
+        return
+    if source not in SUFFIXES:
         raise ValueError(f"not a text source: {source}")
+    files = corpus_files(source, path)
+    has_text = False
+    for f in files:
+        for doc in (_text_file(f),) if source == "text" else _jsonl_documents(f, text_field):
+            has_text = has_text or (bool(doc) and not doc.isspace())
+            yield doc
+    if not has_text:
+        what = "all empty or blank" if source == "text" else f"no line with a non-blank {text_field!r} field"
+        wanted = " or ".join(SUFFIXES[source])
+        raise ConfigError("data.path", f"{path} holds no text ({len(files)} {wanted} file(s) searched, {what}).",
+                          f"point data.path at the {wanted} files that hold your corpus.")
+
+
+def _text_file(f: Path) -> str:
+    """One text document; a file that is mostly undecodable bytes (binary) is refused, a few are warned of."""
+    text = f.read_text(encoding="utf-8", errors="replace")
+    bad = text.count("\ufffd") + text.count("\x00")
+    if not bad:
+        return text
+    line = text.count("\n", 0, UNDECODABLE.search(text).start()) + 1
+    share = bad / len(text)
+    if share > UNDECODABLE_LIMIT:
+        raise ConfigError("data.path", f"{f} is not UTF-8 text: {share:.0%} of it is undecodable bytes or NULs, the "
+                          f"first on line {line} (a compressed or binary file, or another encoding).",
+                          f"decompress or convert {f.name} to UTF-8 text, or remove it from data.path.")
+    report_once(f"warning: {f}: {bad} undecodable byte(s) or NUL(s), the first on line {line}, read as U+FFFD; "
+                "using the file anyway.")
+    return text
+
+
+def _jsonl_documents(f: Path, text_field: str) -> Iterator[str]:
+    """The `text_field` of each non-blank line of a JSON Lines file."""
+    with f.open(encoding="utf-8", errors="surrogateescape") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                yield _json_document(f"{f}:{number}", line, text_field)
+
+
+def _json_document(where: str, line: str, text_field: str) -> str:
+    """The document of one JSON line; `where` (file:line) names it in errors."""
+    escaped = ESCAPED_BYTE.search(line)
+    if escaped:
+        raise ConfigError("data.path", f"{where} is not UTF-8 (byte 0x{ord(escaped.group()) - 0xDC00:02x} at "
+                          f"column {escaped.start() + 1}): the file is binary, compressed or in another encoding.",
+                          "convert the file to UTF-8 JSON Lines (decompress it, or re-encode it, e.g. with iconv), "
+                          "or remove it from data.path.")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("data.path", f"{where} is not valid JSON ({exc.msg} at column {exc.colno}).",
+                          _one_object_per_line(text_field)) from None
+    if not isinstance(record, dict):
+        raise ConfigError("data.path", f"{where} is {_json_kind(record)}, not a JSON object.",
+                          _one_object_per_line(text_field))
+    if text_field not in record:
+        fields = ", ".join(list(record)[:20]) or "none"
+        raise ConfigError("data.text_field", f"{where} has no field {text_field!r}; its fields: {fields}.",
+                          f"set data.text_field=<one of them> (the field that holds the text), or give every "
+                          f"line a {text_field!r} field.")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise ConfigError("data.text_field", f"{where}: field {text_field!r} is {_json_kind(text)}, not a string.",
+                          f"make {text_field!r} a string on every line, or set data.text_field to the field that "
+                          "holds the text.")
+    return text
+
+
+def _one_object_per_line(text_field: str) -> str:
+    return f'give one JSON object per line, e.g. {{"{text_field}": "..."}} (JSON Lines, UTF-8).'
+
+
+def _json_kind(value: Any) -> str:
+    return JSON_KINDS.get(type(value), type(value).__name__)
 
 
 def tokenize_documents(docs: Iterator[str], tokenizer: Tokenizer, batch: int = 256) -> Iterator[np.ndarray]:
@@ -95,29 +191,76 @@ class TokenStream:
         return np.concatenate(parts).astype(np.int64)
 
 
-def load_token_shards(folder: str) -> tuple[TokenStream, dict]:
-    """Memory-map the shards a prepare_data run wrote; returns the stream and its metadata."""
-    meta = json.loads((Path(folder) / SHARD_META).read_text())
+def read_shard_meta(folder: str) -> dict:
+    """The meta.json of a prepare_data out folder; refuses a folder without a readable one."""
+    path = Path(folder) / SHARD_META
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problem = f"{folder} holds no {SHARD_META} from recipes.prepare_data."
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problem = f"{path} cannot be read ({exc})."
+    raise ConfigError("data.path", problem, "run `python -m recipes.prepare_data ... out=<dir>` and point data.path "
+                      "at its out folder.")
+
+
+def load_token_shards(folder: str, verify_checksums: bool = False) -> tuple[TokenStream, dict]:
+    """Memory-map the shards a prepare_data run wrote, after checking every shard's size (and, with
+    `verify_checksums`, its CRC-32: reads every shard) against meta.json; returns the stream and metadata."""
+    meta = read_shard_meta(folder)
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for shard in meta["shards"]:
+        check_shard(Path(folder) / shard["file"], shard, itemsize, verify_checksums)
     arrays = [np.memmap(Path(folder) / s["file"], dtype=meta["dtype"], mode="r") for s in meta["shards"]]
     return TokenStream(arrays), meta
+
+
+def check_shard(path: Path, shard: dict, itemsize: int, verify_checksum: bool) -> None:
+    """Refuse a shard that is missing, of another size than meta.json records (older meta.json files
+    record no size: tokens x itemsize) or, when asked, of another CRC-32."""
+    if verify_checksum and "crc32" not in shard:
+        raise ConfigError("data.verify_checksums", f"{path.parent / SHARD_META} records no checksums (an older "
+                          "recipes.prepare_data wrote it).", f"{_prepare_again(path.parent)}, or set data.verify_checksums=false.")
+    problem = _shard_problem(path, shard, itemsize, verify_checksum)
+    if problem:
+        raise ConfigError("data.path", f"token shard {path} {problem}.",
+                          f"{_prepare_again(path.parent)}, or restore the shard from a good copy.")
+
+
+def _shard_problem(path: Path, shard: dict, itemsize: int, verify_checksum: bool) -> str | None:
+    recorded = shard.get("size", shard["tokens"] * itemsize)
+    if not path.is_file():
+        return f"is missing ({SHARD_META} records {recorded} bytes)"
+    size = path.stat().st_size
+    if size != recorded:
+        return f"is truncated or padded: {size} bytes found, {SHARD_META} records {recorded}"
+    crc = file_record(path)["crc32"] if verify_checksum else None
+    if crc is not None and crc != shard["crc32"]:
+        return f"is altered: CRC-32 {crc:08x} found, {SHARD_META} records {shard['crc32']:08x} (the size matches)"
+    return None
+
+
+def _prepare_again(folder: Path) -> str:
+    return f"re-run `python -m recipes.prepare_data` on the corpus with out={folder} overwrite=true"
 
 
 def write_token_shards(arrays: Iterable[np.ndarray], folder: Path, shard_tokens: int, tokenizer: Tokenizer,
                        tokenizer_spec: str, on_shard: Callable[[dict], None] = lambda shard: None) -> dict:
     """Write a token stream as `shard_tokens`-token raw arrays (the last may be shorter) plus the
-    metadata :func:`load_token_shards` reads; files are flushed to disk. Returns the metadata."""
+    metadata :func:`load_token_shards` reads, with each shard's size and CRC-32 (computed while
+    writing); files are flushed to disk. Returns the metadata."""
     dtype = token_dtype(tokenizer.vocab_size)
     shards: list[dict] = []
-    out: BinaryIO | None = None
+    out: ChecksumWriter | None = None
     try:
         for tokens in arrays:
-            tokens = np.asarray(tokens, dtype=dtype)
+            tokens = np.ascontiguousarray(tokens, dtype=dtype)
             while len(tokens):
                 if out is None:
                     shards.append({"file": SHARD_FILE.format(len(shards)), "tokens": 0})
-                    out = (folder / shards[-1]["file"]).open("wb")
+                    out = ChecksumWriter((folder / shards[-1]["file"]).open("wb"))
                 part = tokens[:shard_tokens - shards[-1]["tokens"]]
-                part.tofile(out)
+                out.write(part)
                 shards[-1]["tokens"] += len(part)
                 tokens = tokens[len(part):]
                 if shards[-1]["tokens"] == shard_tokens:
@@ -136,10 +279,11 @@ def write_token_shards(arrays: Iterable[np.ndarray], folder: Path, shard_tokens:
     return meta
 
 
-def _finish_shard(f: BinaryIO, shard: dict, on_shard: Callable[[dict], None]) -> None:
+def _finish_shard(f: ChecksumWriter, shard: dict, on_shard: Callable[[dict], None]) -> None:
     f.flush()
     os.fsync(f.fileno())
     f.close()
+    shard.update(f.record())
     on_shard(shard)
 
 

@@ -15,10 +15,10 @@ if not hasattr(torch, "set_vital"):
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
 from titan.config import DataConfig, TrainingConfig  # noqa: E402
+from titan.data.checks import open_tokenizer  # noqa: E402
 from titan.data.corpus import build_stream, load_token_shards  # noqa: E402
 from titan.data.packing import PackedWindows, train_eval_split  # noqa: E402
 from titan.data.sampler import GlobalCursorSampler  # noqa: E402
-from titan.data.tokenizer import load_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -31,19 +31,22 @@ class DataBundle:
 def load_data(cfg: DataConfig, seq_len: int) -> DataBundle:
     """Tokenize (or memory-map) the corpus and split it into train and held-out windows."""
     if cfg.source == "tokens":
-        stream, meta = load_token_shards(cfg.path)
+        stream, meta = load_token_shards(cfg.path, cfg.verify_checksums)
         vocab_size = int(meta["vocab_size"])
     else:
-        tokenizer = load_tokenizer(cfg.tokenizer, cfg.eot_token)
+        tokenizer = open_tokenizer(cfg)
         stream = build_stream(cfg.source, cfg.path, tokenizer, cfg.text_field)
         vocab_size = tokenizer.vocab_size
     train, held_out = train_eval_split(stream, seq_len, cfg.eval_fraction)
     return DataBundle(train, held_out, vocab_size)
 
 
-def train_loader(data: DataBundle, cfg: DataConfig, t: TrainingConfig, dp_rank: int, dp_size: int) -> StatefulDataLoader:
-    """Endless loader of this rank's micro-batches, in the global-cursor order."""
-    sampler = GlobalCursorSampler(len(data.train), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, t.seed)
+def train_loader(data: DataBundle, cfg: DataConfig, t: TrainingConfig, dp_rank: int, dp_size: int,
+                 new_seed: bool = False) -> StatefulDataLoader:
+    """Endless loader of this rank's micro-batches, in the global-cursor order (`new_seed`: a loaded
+    state drawn with another seed continues from its cursor with `t.seed`)."""
+    sampler = GlobalCursorSampler(len(data.train), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, t.seed,
+                                  new_seed=new_seed)
     return StatefulDataLoader(data.train, batch_sampler=sampler, num_workers=cfg.num_workers)
 
 

@@ -18,7 +18,7 @@ class GlobalCursorSampler:
     """Batch sampler yielding this rank's micro-batches of window indices, forever."""
 
     def __init__(self, num_sequences: int, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True):
+                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True, new_seed: bool = False):
         if num_sequences < 1:
             raise ValueError("the dataset has no sequences")
         self.num_sequences = num_sequences
@@ -27,6 +27,7 @@ class GlobalCursorSampler:
         self.local_batch_size = global_batch_size // dp_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = seed, shuffle
+        self.new_seed = new_seed  # a loaded state with another seed keeps its cursor and takes this seed
         self.consumed = 0  # global sequences consumed by completed steps
         self._cached_epoch: int | None = None
         self._order: torch.Tensor | None = None
@@ -69,6 +70,6 @@ class GlobalCursorSampler:
         return {"seed": self.seed, "epoch": self.consumed // self.num_sequences, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
+        if state["seed"] != self.seed and not self.new_seed:
             raise ValueError(f"data order seed {state['seed']} != training.seed {self.seed}")
         self.consumed = int(state["consumed"])
