@@ -82,7 +82,8 @@ def mesh_group_names(mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None = None)
     if mesh is None:
         return {}
     names: dict[str, str] = {}
-    for dim in ("tp", "dp_shard", "dp_replicate", "pp"):
+    flattened = [d for d in ("dp_shard_cp", "dp_cp") if d in mesh._get_root_mesh()._flatten_mapping]
+    for dim in ("tp", "cp", "dp_shard", "dp_replicate", "pp", *flattened):
         names.setdefault(mesh[dim].get_group().group_name, dim)
     if dp_mesh is not None:
         names.setdefault(dp_mesh.get_group().group_name, "dp")

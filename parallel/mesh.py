@@ -27,18 +27,19 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    cp: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("dp_replicate", "tp", "pp"):
+        for key in ("dp_replicate", "tp", "pp", "cp"):
             if getattr(self, key) < 1:
                 raise LayoutError(f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}.",
                                   f"set parallel.{key}=1 or more.")
-        fixed = self.dp_replicate * self.tp * self.pp
+        fixed = self.dp_replicate * self.cp * self.tp * self.pp
         if self.dp_shard == -1:
             if self.world_size % fixed:
                 raise LayoutError("parallel.dp_shard",
-                                  f"world size {self.world_size} is not a multiple of dp_replicate x tp x pp = {fixed}.",
-                                  "launch a multiple of that many ranks or change the degrees.")
+                                  f"world size {self.world_size} is not a multiple of dp_replicate x cp x tp x pp "
+                                  f"= {fixed}.", "launch a multiple of that many ranks or change the degrees.")
             self.dp_shard = self.world_size // fixed
         if self.dp_shard < 1:
             raise LayoutError("parallel.dp_shard", f"must be -1 or >= 1, got {self.dp_shard}.",
@@ -46,13 +47,19 @@ class ParallelDims:
         product = fixed * self.dp_shard
         if product != self.world_size:
             raise LayoutError("parallel.dp_shard",
-                              f"dp_replicate x dp_shard x tp x pp = {self.dp_replicate} x {self.dp_shard} x "
-                              f"{self.tp} x {self.pp} = {product}, but the world size is {self.world_size}.",
+                              f"dp_replicate x dp_shard x cp x tp x pp = {self.dp_replicate} x {self.dp_shard} x "
+                              f"{self.cp} x {self.tp} x {self.pp} = {product}, but the world size is {self.world_size}.",
                               "make the product equal the number of ranks (dp_shard=-1 fills it in).")
 
     @property
     def dp_size(self) -> int:
+        """Data-parallel degree: ranks that take different sequences of a global batch."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_size(self) -> int:
+        """Ranks that share (and shard) one copy of the weights' gradients: data parallel x context parallel."""
+        return self.dp_size * self.cp
 
 
 @dataclass
@@ -98,10 +105,10 @@ def init_process_group(env: DistEnv, timeout_s: float = 300.0) -> None:
                             device_id=env.device if backend == "nccl" else None)
 
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-def hierarchical_dims(env: DistEnv, tp: int, pp: int) -> tuple[int, int]:
+def hierarchical_dims(env: DistEnv, tp: int, pp: int, cp: int = 1) -> tuple[int, int]:
     """(dp_replicate, dp_shard) from the node topology: replicate across nodes, shard inside one.
     Needs equal nodes whose ranks are consecutive (torchrun numbers them so)."""
     if env.world_size % env.local_world_size or env.rank // env.local_world_size != env.node_rank:
@@ -109,12 +116,12 @@ def hierarchical_dims(env: DistEnv, tp: int, pp: int) -> tuple[int, int]:
                           f"{env.local_world_size} on node {env.node_rank}) is not in a block of equal nodes.",
                           "launch the same number of ranks on every node (--nproc-per-node), or set the "
                           "degrees yourself with parallel.hierarchical=false.")
-    if tp > env.local_world_size or env.local_world_size % tp:
-        raise LayoutError("parallel.tp", f"tp={tp} does not fit in a node of {env.local_world_size} ranks; "
-                          "with parallel.hierarchical=true tensor parallelism must stay inside a node.",
-                          f"choose parallel.tp dividing {env.local_world_size}.")
-    dp_shard = env.local_world_size // tp
-    rest = env.world_size // (dp_shard * tp)
+    if tp * cp > env.local_world_size or env.local_world_size % (tp * cp):
+        raise LayoutError("parallel.tp", f"tp x cp = {tp} x {cp} does not fit in a node of {env.local_world_size} "
+                          "ranks; with parallel.hierarchical=true tensor and context parallelism stay inside a node.",
+                          f"choose parallel.tp x parallel.cp dividing {env.local_world_size}.")
+    dp_shard = env.local_world_size // (tp * cp)
+    rest = env.world_size // env.local_world_size
     if rest % pp:
         raise LayoutError("parallel.pp", f"pp={pp} does not divide the {rest} node groups.",
                           "choose parallel.pp dividing the number of nodes.")
@@ -122,11 +129,16 @@ def hierarchical_dims(env: DistEnv, tp: int, pp: int) -> tuple[int, int]:
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
-    """One mesh `(pp, dp_replicate, dp_shard, tp)`, tp innermost (consecutive ranks, same node),
-    and its flattened `dp` dimension for sums over all data-parallel ranks."""
-    mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
+    """One mesh `(pp, dp_replicate, dp_shard, cp, tp)`, tp innermost (consecutive ranks, same node),
+    and its flattened `dp` dimension (ranks taking different sequences). With cp > 1 it also flattens
+    `dp_shard_cp` (what FSDP shards over) and `dp_cp` (what the loss is summed over)."""
+    mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp),
                             mesh_dim_names=MESH_DIMS)
-    return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    if dims.cp > 1:
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    return mesh, dp_mesh
 
 
 def describe_mesh(mesh: DeviceMesh, env: DistEnv) -> dict:
@@ -144,8 +156,16 @@ def describe_mesh(mesh: DeviceMesh, env: DistEnv) -> dict:
 
 
 def dp_mesh_for_fsdp(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
-    """1-D `dp_shard` mesh for FSDP, 2-D `(dp_replicate, dp_shard)` for HSDP/DDP."""
-    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    """1-D `dp_shard` (x cp) mesh for FSDP, 2-D `(dp_replicate, dp_shard (x cp))` for HSDP/DDP: context
+    parallel ranks hold the same weights, so FSDP shards over them too."""
+    shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"
+    return mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
+
+
+def loss_group(mesh: DeviceMesh, dp_mesh: DeviceMesh, dims: ParallelDims) -> dist.ProcessGroup:
+    """The group a step's loss parts are summed over: data-parallel ranks, and context-parallel ranks
+    (each holds part of every sequence)."""
+    return mesh["dp_cp"].get_group() if dims.cp > 1 else dp_mesh.get_group()
 
 
 def shutdown(wait_for_peers: bool = True) -> None:

@@ -1,5 +1,5 @@
 """Apply parallelism to a plain model from outside, in one order:
-tensor parallel -> activation checkpointing -> compile -> FSDP/HSDP/DDP."""
+tensor parallel -> context parallel -> activation checkpointing -> compile -> FSDP/HSDP/DDP."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 
+from parallel.context_parallel import apply_context_parallel
 from parallel.data_parallel import apply_fsdp, check_reshard_after_forward
 from parallel.errors import LayoutError
 from parallel.mesh import ParallelDims, dp_mesh_for_fsdp
@@ -42,15 +43,17 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
         check_tp_degree(plan, dims.tp)
         apply_tensor_parallel(model, plan, mesh["tp"], sequence_parallel, loss_parallel)
         tie_parameters(model, plan.tied)  # TP replaced each module's parameter separately
+    if dims.cp > 1:
+        apply_context_parallel(blocks, plan, mesh["cp"].get_group())
     apply_activation_checkpointing(blocks, activation_checkpoint, activation_checkpoint_every)
     if compile:
         for block in blocks.values():
             block.compile()
-    if cpu_offload and dims.dp_size == 1:
+    if cpu_offload and dims.fsdp_size == 1:
         raise LayoutError("parallel.cpu_offload", "offload is part of sharded data parallelism and needs dp > 1.",
                           "launch several data-parallel ranks with torchrun, or set parallel.cpu_offload=false.")
-    if dims.dp_size > 1:
-        raf = check_reshard_after_forward(reshard_after_forward, dims.dp_shard)
+    if dims.fsdp_size > 1:
+        raf = check_reshard_after_forward(reshard_after_forward, dims.dp_shard * dims.cp)
         dp_mesh = dp_mesh_for_fsdp(mesh, dims) if mesh is not None else None
         embedding, head = _separate_units(model, plan)
         apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload, embedding, head)

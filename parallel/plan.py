@@ -21,6 +21,10 @@ class BlockPlan:
     # sub-modules entered from the residual stream -> their number of positional inputs; under
     # sequence parallelism their first input is gathered from a sequence shard
     tp_inputs: dict[str, int] = field(default_factory=dict)
+    # the attention core: a module called (q, k, v, q_positions, k_positions, q_documents, k_documents)
+    # with (batch, heads, seq, head_dim) tensors and (batch, seq) positions / document ids; context
+    # parallelism gathers its keys, values, key positions and documents from the other ranks
+    attention: str | None = None
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
     with config_errors():
         layout = build_layout(dims, env)
         report_mesh(layout, env, run_dir)
-        model, par = build_parallel_model(cfg, layout, device)
+        model, par = build_parallel_model(cfg, layout, device, data.eot_id)
     manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer, cfg.checkpoint.async_save, log)
     optimizer = build_optimizer(model, cfg.optim)
     loader = train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size, cfg.checkpoint.new_data_seed)

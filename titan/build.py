@@ -20,7 +20,8 @@ from parallel.comm_stats import CommCounter, mesh_group_names
 from parallel.data_parallel import check_reshard_after_forward
 from parallel.errors import LayoutError
 from parallel.grad_norm import clip_grad_norm_
-from parallel.mesh import DistEnv, ParallelDims, build_mesh, describe_mesh, hierarchical_dims
+from parallel.context_parallel import check_cp_degree
+from parallel.mesh import DistEnv, ParallelDims, build_mesh, describe_mesh, hierarchical_dims, loss_group
 from parallel.parallelize import parallelize
 from parallel.pipeline import V_SHAPED, PipelineLayout, StageUnion, build_schedule, plan_stages, stage_module
 from parallel.tensor_parallel import check_tp_degree
@@ -28,7 +29,7 @@ from titan.checkpoint.hf import check_init_from, load_pretrained
 from titan.config import ConfigError, PretrainConfig
 from titan.models import Llama, build_model, init_weights
 from titan.models.llama import flops_per_token
-from titan.runners import MicroBatchRunner, PipelineRunner, ScaledTokenLoss, StepRunner
+from titan.runners import InputLayout, MicroBatchRunner, PipelineRunner, ScaledTokenLoss, StepRunner
 from titan.trainer import ParallelContext
 
 
@@ -48,8 +49,8 @@ def resolve_dims(cfg: PretrainConfig, env: DistEnv) -> ParallelDims:
     p = cfg.parallel
     dp_replicate, dp_shard = p.dp_replicate, p.dp_shard
     if p.hierarchical:
-        dp_replicate, dp_shard = hierarchical_dims(env, p.tp, p.pp)
-    return ParallelDims(dp_replicate, dp_shard, p.tp, p.pp, env.world_size)
+        dp_replicate, dp_shard = hierarchical_dims(env, p.tp, p.pp, p.cp)
+    return ParallelDims(dp_replicate, dp_shard, p.tp, p.pp, env.world_size, p.cp)
 
 
 def build_layout(dims: ParallelDims, env: DistEnv) -> Layout:
@@ -83,8 +84,14 @@ def check_layout(cfg: PretrainConfig, dims: ParallelDims, device: torch.device) 
         check_init_from(cfg.model)
     if dims.tp > 1:
         check_tp_degree(plan, dims.tp)
-    if dims.dp_size > 1:
-        check_reshard_after_forward(cfg.parallel.reshard_after_forward, dims.dp_shard)
+    if dims.cp > 1:
+        check_cp_degree(plan, dims.cp, cfg.training.seq_len)
+    if dims.fsdp_size > 1:
+        check_reshard_after_forward(cfg.parallel.reshard_after_forward, dims.dp_shard * dims.cp)
+    if dims.pp > 1 and (dims.cp > 1 or cfg.data.document_mask):
+        key = "parallel.cp" if dims.cp > 1 else "data.document_mask"
+        raise LayoutError(key, "context parallelism and document masking do not run with pipeline parallelism yet.",
+                          f"set parallel.pp=1 to use {key}, or turn {key} off.")
     if dims.pp > 1:
         if cfg.model.tie_embeddings:
             raise LayoutError("model.tie_embeddings", "tied embeddings would live on two pipeline stages.",
@@ -139,20 +146,24 @@ def _parallelize_part(part: nn.Module, cfg: PretrainConfig, dims: ParallelDims, 
         load_pretrained(part, Path(cfg.model.init_from))
 
 
-def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.device) -> tuple[nn.Module, ParallelContext]:
+def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.device,
+                         data_eot_id: int | None = None) -> tuple[nn.Module, ParallelContext]:
     """The model (or this rank's pipeline stages) parallelized and initialized from the seed, and
     what the trainer needs to drive it. The layout must have passed `check_layout`."""
     dims, mesh = layout.dims, layout.mesh
     use_loss_parallel = dims.tp > 1 and cfg.parallel.loss_parallel
     tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_len
     # Under FSDP, mixed precision comes from its policy; otherwise from autocast.
-    autocast_dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" and dims.dp_size == 1 else None
+    autocast_dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" and dims.fsdp_size == 1 else None
     loss_context = loss_parallel if use_loss_parallel else nullcontext
     model = build_model(cfg.model)
     runner: StepRunner
     if dims.pp == 1:
         _parallelize_part(model, cfg, dims, mesh, use_loss_parallel, device)
-        runner = MicroBatchRunner(model, device, tokens_per_step, dims.dp_size, autocast_dtype, loss_context, _to_local)
+        inputs = InputLayout(data_eot_id if cfg.data.document_mask else None, cfg.data.reset_positions,
+                             mesh["cp"].get_local_rank() if dims.cp > 1 else 0, dims.cp)
+        runner = MicroBatchRunner(model, device, tokens_per_step, dims.fsdp_size, autocast_dtype, loss_context,
+                                  _to_local, inputs)
     else:
         model, runner = _build_pipeline(model, cfg, layout, device, use_loss_parallel, tokens_per_step,
                                         autocast_dtype, loss_context)
@@ -161,6 +172,7 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
         runner=runner,
         dp_size=dims.dp_size,
         dp_group=layout.dp_mesh.get_group() if layout.dp_mesh is not None else None,
+        loss_group=loss_group(mesh, layout.dp_mesh, dims) if dims.fsdp_size > 1 else None,
         pp_group=pp_group,
         clip_grad_norm=partial(clip_grad_norm_, pp_group=pp_group),
         comm_counter=partial(CommCounter, mesh_group_names(mesh, layout.dp_mesh)) if mesh is not None else None,

@@ -54,6 +54,8 @@ class DataConfig:
     eval_fraction: float = 0.05  # tail of the token stream held out for eval
     num_workers: int = 0  # data loader worker processes; 0 loads in the training process
     verify_checksums: bool = False  # data=tokens: also check each shard's CRC-32 (reads every shard; sizes always are)
+    document_mask: bool = False  # packed documents do not attend to each other (block-causal attention at end-of-text tokens)
+    reset_positions: bool = False  # with document_mask: rotary positions restart at 0 in every document
 
 
 @dataclass
@@ -103,6 +105,7 @@ class ParallelConfig:
     dp_replicate: int = 1  # data-parallel replicas: HSDP with dp_shard > 1, DDP with dp_shard = 1
     dp_shard: int = -1  # -1: whatever ranks are left
     tp: int = 1  # tensor-parallel degree (heads, vocabulary and hidden sizes must divide)
+    cp: int = 1  # context parallel: ranks that split every sequence (each holds 2 of its 2 x cp chunks)
     pp: int = 1  # pipeline-parallel stages
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv | dualpipev
     pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved and V schedules)
@@ -223,6 +226,10 @@ def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
                           "set eval.steps=1 or more, or eval.interval=0 to turn eval off.")
     if cfg.lr.warmup_steps < 0:
         raise ConfigError("lr.warmup_steps", "must be >= 0.", "set lr.warmup_steps=0 or more.")
+    if cfg.data.reset_positions and not cfg.data.document_mask:
+        raise ConfigError("data.reset_positions", "restarting positions per document without document masking "
+                          "would let tokens of different documents share positions in one attention.",
+                          "set data.document_mask=true as well, or data.reset_positions=false.")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}.",
                           "set data.eval_fraction=0.05 or similar.")

@@ -10,12 +10,16 @@ which averages, yields that same mean's gradient.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+from parallel.context_parallel import shard_sequence
+from titan.data.packing import document_ids, positions_in_documents
 
 ToLocal = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,18 +45,47 @@ def split_tokens(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch
     return tokens[:, :-1], tokens[:, 1:]
 
 
+@dataclass(frozen=True)
+class InputLayout:
+    """How a batch of windows becomes this rank's model inputs: document ids (document masking),
+    positions (restarted per document, or global ones under context parallelism) and this rank's
+    share of the sequence under context parallelism."""
+
+    eot_id: int | None = None  # set: document masking at these end-of-text tokens
+    reset_positions: bool = False
+    cp_rank: int = 0
+    cp: int = 1
+
+    def __call__(self, batch: dict, device: torch.device) -> tuple[tuple, torch.Tensor]:
+        """((tokens, positions, documents), targets); positions and documents may be None."""
+        inputs, targets = split_tokens(batch, device)
+        documents = document_ids(inputs, self.eot_id) if self.eot_id is not None else None
+        positions = None
+        if documents is not None and self.reset_positions:
+            positions = positions_in_documents(documents)
+        elif documents is not None or self.cp > 1:
+            positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs)
+        if self.cp > 1:
+            inputs, targets, positions = (shard_sequence(t, self.cp_rank, self.cp) for t in (inputs, targets, positions))
+            documents = shard_sequence(documents, self.cp_rank, self.cp) if documents is not None else None
+        return (inputs, positions, documents), targets
+
+
 class MicroBatchRunner:
     """Gradient accumulation over micro-batches on a model that holds every layer."""
 
     def __init__(self, model: nn.Module, device: torch.device, tokens_per_step: int, dp_size: int,
-                 autocast_dtype: torch.dtype | None, loss_context: Callable[[], AbstractContextManager], to_local: ToLocal):
+                 autocast_dtype: torch.dtype | None, loss_context: Callable[[], AbstractContextManager], to_local: ToLocal,
+                 inputs: InputLayout = InputLayout()):
+        """`dp_size`: the ranks whose gradients the data-parallel reduction averages (dp x cp)."""
         self.model, self.device, self.tokens_per_step, self.dp_size = model, device, tokens_per_step, dp_size
         self.autocast_dtype, self.loss_context, self.to_local = autocast_dtype, loss_context, to_local
+        self.inputs = inputs
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
-        inputs, targets = split_tokens(batch, self.device)
+        args, targets = self.inputs(batch, self.device)
         with autocast(self.device, self.autocast_dtype):
-            logits = self.model(inputs)
+            logits = self.model(*args)
         return token_loss_sum(logits, targets)
 
     def train(self, batches: list[dict]) -> torch.Tensor:

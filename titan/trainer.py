@@ -37,16 +37,17 @@ class ParallelContext:
 
     runner: StepRunner  # forward + backward of this rank's share of a batch
     dp_size: int = 1
-    dp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None  # ranks that take different sequences
+    loss_group: dist.ProcessGroup | None = None  # ranks whose loss parts add up: dp (x cp, each holding part of a sequence)
     pp_group: dist.ProcessGroup | None = None  # the loss is computed on the last stage only
     # Scales gradients so their global L2 norm is at most max_norm; returns the norm before.
     clip_grad_norm: Callable[[list[torch.Tensor], float], torch.Tensor] = torch.nn.utils.clip_grad_norm_
     comm_counter: Callable[[], CommCounter] | None = None  # counts collective bytes on logged steps
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum a per-rank loss part over data-parallel ranks and pipeline stages."""
-        if self.dp_size > 1:
-            dist.all_reduce(value, group=self.dp_group)
+        """Sum a per-rank loss part over data- and context-parallel ranks and pipeline stages."""
+        if self.loss_group is not None:
+            dist.all_reduce(value, group=self.loss_group)
         if self.pp_group is not None:
             dist.all_reduce(value, group=self.pp_group)
         return value

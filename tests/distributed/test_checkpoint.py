@@ -43,6 +43,7 @@ RESHAPES = {
                                 "parallel.pp_virtual_stages=2", "parallel.sequence_parallel=true"]),
     "fsdp2": (2, []),
     "single": (1, []),
+    "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
 }
 
 

@@ -154,7 +154,7 @@ def test_seed_mismatch_on_load_raises():
 def bundle(num_tokens: int = 2000, seq_len: int = 8) -> DataBundle:
     stream = TokenStream([np.arange(num_tokens, dtype=np.int64)])
     train, held_out = train_eval_split(stream, seq_len, 0.1)
-    return DataBundle(train, held_out, num_tokens)
+    return DataBundle(train, held_out, num_tokens, num_tokens - 1)
 
 
 def loader_ids(loader, count: int) -> list[list[int]]:

@@ -26,19 +26,20 @@ class DataBundle:
     train: PackedWindows
     eval: PackedWindows
     vocab_size: int  # of the tokenizer that produced the tokens
+    eot_id: int  # the end-of-text token that joins documents
 
 
 def load_data(cfg: DataConfig, seq_len: int) -> DataBundle:
     """Tokenize (or memory-map) the corpus and split it into train and held-out windows."""
     if cfg.source == "tokens":
         stream, meta = load_token_shards(cfg.path, cfg.verify_checksums)
-        vocab_size = int(meta["vocab_size"])
+        vocab_size, eot_id = int(meta["vocab_size"]), int(meta["eot_id"])
     else:
         tokenizer = open_tokenizer(cfg)
         stream = build_stream(cfg.source, cfg.path, tokenizer, cfg.text_field)
-        vocab_size = tokenizer.vocab_size
+        vocab_size, eot_id = tokenizer.vocab_size, tokenizer.eot_id
     train, held_out = train_eval_split(stream, seq_len, cfg.eval_fraction)
-    return DataBundle(train, held_out, vocab_size)
+    return DataBundle(train, held_out, vocab_size, eot_id)
 
 
 def train_loader(data: DataBundle, cfg: DataConfig, t: TrainingConfig, dp_rank: int, dp_size: int,

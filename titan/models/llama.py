@@ -39,10 +39,35 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (batch, heads, seq, head_dim) by position; cos/sin are (seq, head_dim)."""
+    """Rotate (batch, heads, seq, head_dim) by position; cos/sin are (seq, head_dim) or (batch, 1, seq, head_dim)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+class CausalAttention(nn.Module):
+    """Scaled dot-product attention of queries over keys: causal by position, and, given document
+    ids, block-causal (a token sees only earlier tokens of its own document). Queries and keys carry
+    their own positions and documents, so the keys may be more than the queries (context parallel
+    gathers them from other ranks). No positions: the plain causal case of one whole sequence."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None,
+                k_positions: torch.Tensor | None, q_documents: torch.Tensor | None = None,
+                k_documents: torch.Tensor | None = None) -> torch.Tensor:
+        gqa = q.shape[1] != k.shape[1]
+        if q_positions is None and q_documents is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        mask = attention_mask(q_positions, k_positions, q_documents, k_documents)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
+
+
+def attention_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, q_documents: torch.Tensor | None,
+                   k_documents: torch.Tensor | None) -> torch.Tensor:
+    """(batch, queries, keys) booleans: key position <= query position, and the same document."""
+    mask = k_positions.unsqueeze(1) <= q_positions.unsqueeze(2)
+    if q_documents is not None:
+        mask &= k_documents.unsqueeze(1) == q_documents.unsqueeze(2)
+    return mask
 
 
 class Attention(nn.Module):
@@ -53,18 +78,24 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.core = CausalAttention()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """`cos`/`sin` are the full rotary tables; `x` holds the whole sequence here (under sequence
-        parallelism it has been gathered), so its length picks the rows."""
+        parallelism it has been gathered). Without `positions` the tokens sit at 0..seq-1; with them,
+        (batch, seq) positions pick the rotary rows and order the causal mask."""
         batch, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:seq].to(q.dtype), sin[:seq].to(q.dtype)
+        if positions is None:
+            cos, sin = cos[:seq].to(q.dtype), sin[:seq].to(q.dtype)
+        else:
+            cos, sin = cos[positions].unsqueeze(1).to(q.dtype), sin[positions].unsqueeze(1).to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = self.core(q, k, v, positions, positions, documents, documents)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -89,8 +120,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, positions, documents)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -125,17 +157,20 @@ class Llama(nn.Module):
             tied=(("output.weight", "tok_embeddings.weight"),) if self.cfg.tie_embeddings else (),
             block=BlockPlan(colwise=("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"),
                             rowwise=("attention.wo", "feed_forward.w2"), norms=("attention_norm", "ffn_norm"),
-                            tp_inputs={"attention": 3, "feed_forward": 1}),
+                            tp_inputs={"attention": 5, "feed_forward": 1}, attention="attention.core"),
             tp_divisible={"model.n_heads": self.cfg.n_heads, "model.n_kv_heads": self.cfg.n_kv_heads,
                           "model.vocab_size": self.cfg.vocab_size, "model.ffn_hidden_dim": self.cfg.ffn_hidden_dim},
         )
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids -> logits; on a pipeline stage, hidden states in or out where it lacks the
-        embedding or the output."""
+        embedding or the output. `positions` (batch, seq): each token's place in its sequence (or
+        in its document), for the rotary embedding and the causal order; `documents` (batch, seq):
+        document ids, to keep packed documents from attending to each other."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, self.rope_cos, self.rope_sin, positions, documents)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
