@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -177,3 +178,34 @@ class StageUnion(nn.Module):
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("pipeline stages run through their schedule, not through StageUnion")
+
+
+class SideInputs:
+    """Keyword inputs that go beside a pipeline's activations, one set per microbatch (e.g. token
+    positions and document ids, which every stage's attention needs but only the first stage's inputs
+    carry). `load` sets a step's sets; a stage's forward of microbatch `i` gets set `i` (the stage's
+    `forward_one_chunk` says which microbatch runs). A forward outside a microbatch (the stage's
+    shape inference) gets set 0, or meta copies of it for meta inputs."""
+
+    def __init__(self, stages: list[PipelineStage]):
+        self.per_microbatch: list[dict[str, Any]] = []
+        for stage in stages:
+            running = {"chunk": 0}
+            stage.forward_one_chunk = partial(self._forward_one_chunk, stage.forward_one_chunk, running)
+            stage.submod.register_forward_pre_hook(partial(self._inject, running), with_kwargs=True)
+
+    def load(self, per_microbatch: list[dict[str, Any]]) -> None:
+        self.per_microbatch = per_microbatch
+
+    @staticmethod
+    def _forward_one_chunk(original: Callable, running: dict, fwd_chunk_id: int, *args, **kwargs):
+        running["chunk"] = fwd_chunk_id
+        return original(fwd_chunk_id, *args, **kwargs)
+
+    def _inject(self, running: dict, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self.per_microbatch:
+            return None
+        extra = self.per_microbatch[running["chunk"]]
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            extra = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+        return args, {**kwargs, **extra}

@@ -23,7 +23,8 @@ from parallel.grad_norm import clip_grad_norm_
 from parallel.context_parallel import check_cp_degree
 from parallel.mesh import DistEnv, ParallelDims, build_mesh, describe_mesh, hierarchical_dims, loss_group
 from parallel.parallelize import parallelize
-from parallel.pipeline import V_SHAPED, PipelineLayout, StageUnion, build_schedule, plan_stages, stage_module
+from parallel.pipeline import (V_SHAPED, PipelineLayout, SideInputs, StageUnion, build_schedule, plan_stages,
+                               stage_module)
 from parallel.tensor_parallel import check_tp_degree
 from titan.checkpoint.hf import check_init_from, load_pretrained
 from titan.config import ConfigError, PretrainConfig
@@ -88,10 +89,6 @@ def check_layout(cfg: PretrainConfig, dims: ParallelDims, device: torch.device) 
         check_cp_degree(plan, dims.cp, cfg.training.seq_len)
     if dims.fsdp_size > 1:
         check_reshard_after_forward(cfg.parallel.reshard_after_forward, dims.dp_shard * dims.cp)
-    if dims.pp > 1 and (dims.cp > 1 or cfg.data.document_mask):
-        key = "parallel.cp" if dims.cp > 1 else "data.document_mask"
-        raise LayoutError(key, "context parallelism and document masking do not run with pipeline parallelism yet.",
-                          f"set parallel.pp=1 to use {key}, or turn {key} off.")
     if dims.pp > 1:
         if cfg.model.tie_embeddings:
             raise LayoutError("model.tie_embeddings", "tied embeddings would live on two pipeline stages.",
@@ -156,17 +153,17 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
     # Under FSDP, mixed precision comes from its policy; otherwise from autocast.
     autocast_dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" and dims.fsdp_size == 1 else None
     loss_context = loss_parallel if use_loss_parallel else nullcontext
+    inputs = InputLayout(data_eot_id if cfg.data.document_mask else None, cfg.data.reset_positions,
+                         mesh["cp"].get_local_rank() if dims.cp > 1 else 0, dims.cp)
     model = build_model(cfg.model)
     runner: StepRunner
     if dims.pp == 1:
         _parallelize_part(model, cfg, dims, mesh, use_loss_parallel, device)
-        inputs = InputLayout(data_eot_id if cfg.data.document_mask else None, cfg.data.reset_positions,
-                             mesh["cp"].get_local_rank() if dims.cp > 1 else 0, dims.cp)
         runner = MicroBatchRunner(model, device, tokens_per_step, dims.fsdp_size, autocast_dtype, loss_context,
                                   _to_local, inputs)
     else:
         model, runner = _build_pipeline(model, cfg, layout, device, use_loss_parallel, tokens_per_step,
-                                        autocast_dtype, loss_context)
+                                        autocast_dtype, loss_context, inputs)
     pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
     par = ParallelContext(
         runner=runner,
@@ -181,7 +178,8 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
 
 
 def _build_pipeline(model: Llama, cfg: PretrainConfig, layout: Layout, device: torch.device, use_loss_parallel: bool,
-                    tokens_per_step: int, autocast_dtype: torch.dtype | None, loss_context) -> tuple[nn.Module, PipelineRunner]:
+                    tokens_per_step: int, autocast_dtype: torch.dtype | None, loss_context,
+                    inputs: InputLayout) -> tuple[nn.Module, PipelineRunner]:
     dims, mesh = layout.dims, layout.mesh
     stages_layout = pipeline_layout(cfg, dims.pp)
     n_microbatches = pipeline_microbatches(cfg, dims, stages_layout)
@@ -198,7 +196,8 @@ def _build_pipeline(model: Llama, cfg: PretrainConfig, layout: Layout, device: t
     schedule = build_schedule(cfg.parallel.pp_schedule, stages, n_microbatches, loss_fn)
     local = stages_layout.stages_of(pp_rank)
     runner = PipelineRunner(schedule, loss_fn, has_first=0 in local, has_last=stages_layout.num_stages - 1 in local,
-                            device=device, tokens_per_step=tokens_per_step, dp_size=dims.dp_size,
+                            device=device, tokens_per_step=tokens_per_step, dp_size=dims.fsdp_size,
                             autocast_dtype=autocast_dtype, loss_context=loss_context, to_local=_to_local,
-                            eval_needs_backward=cfg.parallel.pp_schedule in V_SHAPED, parts=parts)
+                            eval_needs_backward=cfg.parallel.pp_schedule in V_SHAPED, parts=parts,
+                            n_microbatches=n_microbatches, side_inputs=SideInputs(stages), inputs=inputs)
     return StageUnion(parts, plan), runner

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from parallel.context_parallel import shard_sequence
+from parallel.pipeline import SideInputs
 from titan.data.packing import document_ids, positions_in_documents
 
 ToLocal = Callable[[torch.Tensor], torch.Tensor]
@@ -124,15 +125,25 @@ class PipelineRunner:
     def __init__(self, schedule: _PipelineSchedule, loss_fn: ScaledTokenLoss, has_first: bool, has_last: bool,
                  device: torch.device, tokens_per_step: int, dp_size: int, autocast_dtype: torch.dtype | None,
                  loss_context: Callable[[], AbstractContextManager], to_local: ToLocal,
-                 eval_needs_backward: bool, parts: list[nn.Module]):
+                 eval_needs_backward: bool, parts: list[nn.Module], n_microbatches: int,
+                 side_inputs: SideInputs, inputs: InputLayout = InputLayout()):
+        """`dp_size`: the ranks whose gradients the data-parallel reduction averages (dp x cp)."""
         self.schedule, self.loss_fn, self.has_first, self.has_last = schedule, loss_fn, has_first, has_last
         self.device, self.tokens_per_step, self.dp_size = device, tokens_per_step, dp_size
         self.autocast_dtype, self.loss_context, self.to_local = autocast_dtype, loss_context, to_local
         self.eval_needs_backward, self.parts = eval_needs_backward, parts
+        self.n_microbatches, self.side_inputs, self.inputs = n_microbatches, side_inputs, inputs
 
     def _run(self, batches: list[dict], backward: bool, scale: float) -> torch.Tensor:
         """Sum of this rank's last-stage losses over `batches`, divided by `scale` (zero elsewhere)."""
-        inputs, targets = split_tokens({"tokens": torch.cat([b["tokens"] for b in batches])}, self.device)
+        (inputs, positions, documents), targets = self.inputs({"tokens": torch.cat([b["tokens"] for b in batches])},
+                                                              self.device)
+        # Positions and document ids reach every stage beside the activations, split as the schedule splits.
+        side = {"positions": positions, "documents": documents}
+        chunks = {k: v.tensor_split(self.n_microbatches) if v is not None else [None] * self.n_microbatches
+                  for k, v in side.items()}
+        self.side_inputs.load([{k: chunks[k][i] for k in side} for i in range(self.n_microbatches)]
+                              if positions is not None else [])
         args = (inputs,) if self.has_first else ()
         self.loss_fn.scale = scale
         losses: list[torch.Tensor] = []

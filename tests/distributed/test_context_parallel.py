@@ -1,5 +1,6 @@
 """Context parallel and document masking through real torchrun runs: the attention alone against
-unsplit SDPA, loss / grad-norm / eval-loss parity with one process on every layout that composes CP,
+unsplit SDPA, loss / grad-norm / eval-loss parity with one process on every layout that composes CP
+(FSDP, HSDP, TP + SP, PP with a looped and a V-shaped schedule, activation checkpointing, compile),
 with and without document masking, and a resume from cp2 onto one process with exactly-once data."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tests.helpers import (assert_curves_match, layout_metrics_matching, read_me
 
 WORKER = str(Path(__file__).with_name("cp_attention_worker.py"))
 
-COMMON = ["model=debug", "training.steps=6", "training.seq_len=64", "training.global_batch_size=8",
+COMMON = ["model=debug", "model.n_layers=4", "training.steps=6", "training.seq_len=64", "training.global_batch_size=8",
           "training.micro_batch_size=2", "training.num_threads=1", "logging.log_interval=1", "eval.interval=3",
           "eval.steps=1", "checkpoint.enabled=false", "logging.progress_bar=false", "data=jsonl"]
 
@@ -26,6 +27,10 @@ LAYOUTS = {
     "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "hsdp_cp2": (4, ["parallel.cp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"]),
     "cp2_ac_compile": (2, ["parallel.cp=2", "training.activation_checkpoint=full", "training.compile=true"]),
+    "cp2_pp2_interleaved": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                "parallel.pp_virtual_stages=2"]),
+    "cp2_pp2_dualpipev": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_schedule=dualpipev",
+                              "parallel.pp_virtual_stages=2"]),
 }
 MASKS = {"causal": [], "documents": ["data.document_mask=true"]}
 
