@@ -30,6 +30,17 @@ Closed forms, per rank and optimizer step, with ``m`` micro-batches per rank and
 - TP t without sequence parallelism (extra row): Megatron's all-reduce after attention and after the
   MLP in forward, and before each in backward, plus the embedding's forward and the output's backward
   all-reduce: ``m 2 (t-1)/t X (4 L + 2)`` (the same bytes as with sequence parallelism).
+- CP c (``parallel.cp``; ``m`` counts micro-batches per data-parallel rank, cp excluded from dp),
+  local sequence ``s = seq_len / c``, ``b`` = micro batch, ``kv_dim = n_kv_heads x head_dim``:
+  every block all-gathers K and V over the cp group in forward, ``2 (c-1) b s kv_dim 4``, and
+  reduce-scatters their gradients in backward, the same bytes; with ``data.document_mask=true`` the
+  key positions (int64) and document ids (int32) are all-gathered once per micro-batch and shared
+  by the layers, ``(c-1) b s (8 + 4)`` (plain causal CP needs no key positions: each local query
+  chunk attends to its key prefix). So ``cp = m [4 L (c-1) b s kv_dim 4 + doc (c-1) b s 12]``.
+  FSDP shards over ``dp_shard x c`` ranks (flattened mesh ``dp_shard_cp``): the FSDP form above
+  with ``n = dp_shard x c``. `comm_stats` names a group by the innermost dimension with the same
+  ranks, so with ``dp_shard = 1`` the FSDP bytes are logged under ``cp`` beside the attention's.
+  The loss all-reduce over ``dp_cp`` and the grad-norm all-reduce are scalars (a few bytes).
 """
 
 from __future__ import annotations
@@ -56,6 +67,8 @@ class Layout:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    cp: int = 1
+    documents: bool = False  # data.document_mask=true
     reshard: bool | int = True
     sequence_parallel: bool = False
     note: str = ""
@@ -69,16 +82,27 @@ LAYOUTS: dict[str, Layout] = {
     "hpz": Layout(4, ("parallel.reshard_after_forward=2",), dp_shard=4, reshard=2),
     "tp2_sp": Layout(2, ("parallel.tp=2", "parallel.sequence_parallel=true"), tp=2, sequence_parallel=True),
     "tp2": Layout(2, ("parallel.tp=2", "parallel.sequence_parallel=false"), tp=2, note="extra"),
+    "cp2": Layout(2, ("parallel.cp=2",), cp=2),
+    "cp2_fsdp2": Layout(4, ("parallel.cp=2", "parallel.dp_shard=2"), dp_shard=2, cp=2),
+    "cp2_docs": Layout(2, ("parallel.cp=2", "data.document_mask=true"), cp=2, documents=True),
 }
 
 
-def fsdp_bytes(units: Units, n: int, reshard: bool | int, micro: int) -> dict[str, float]:
-    """`dp_shard` (and `other` for hpZ) bytes of FSDP over n ranks."""
+def fsdp_bytes(units: Units, n: int, reshard: bool | int, micro: int, dim: str = "dp_shard") -> dict[str, float]:
+    """`dim` (and `other` for hpZ) bytes of FSDP over n ranks."""
     every, regathered = units.shard_bytes(n), units.shard_bytes(n, regathered_only=True)
-    out = {"dp_shard": micro * (n - 1) * (2 * every + (regathered if reshard is True else 0))}
+    out = {dim: micro * (n - 1) * (2 * every + (regathered if reshard is True else 0))}
     if not isinstance(reshard, bool):
         out["other"] = micro * (reshard - 1) * units.shard_bytes(reshard, regathered_only=True)
     return out
+
+
+def cp_attention_bytes(model, cp: int, micro_batch: int, seq_len: int, documents: bool) -> float:
+    """Bytes one rank moves over the cp group for one micro-batch's attention (module docstring)."""
+    local = micro_batch * seq_len // cp
+    kv_dim = model.n_kv_heads * (model.dim // model.n_heads)
+    keys_and_values = 4 * model.n_layers * (cp - 1) * local * kv_dim * 4
+    return keys_and_values + ((cp - 1) * local * (8 + 4) if documents else 0)
 
 
 def expected(layout: Layout, model, units: Units, args: argparse.Namespace) -> dict[str, float]:
@@ -90,10 +114,15 @@ def expected(layout: Layout, model, units: Units, args: argparse.Namespace) -> d
         if layout.sequence_parallel:
             return {"tp": micro * (t - 1) / t * x * (8 * model.n_layers + 4)}
         return {"tp": micro * 2 * (t - 1) / t * x * (4 * model.n_layers + 2)}
-    out = fsdp_bytes(units, layout.dp_shard, layout.reshard, micro)
+    shards = layout.dp_shard * layout.cp
+    fsdp_dim = "dp_shard" if layout.cp == 1 else ("cp" if layout.dp_shard == 1 else "dp_shard_cp")
+    out = fsdp_bytes(units, shards, layout.reshard, micro, fsdp_dim)
+    if layout.cp > 1:
+        attention = cp_attention_bytes(model, layout.cp, args.micro_batch, args.seq_len, layout.documents)
+        out["cp"] = out.get("cp", 0.0) + micro * attention
     if layout.dp_replicate > 1:
         r = layout.dp_replicate
-        every = units.shard_bytes(layout.dp_shard)
+        every = units.shard_bytes(shards)
         out["dp_replicate"] = micro * 2 * (r - 1) / r * every
     return out
 
@@ -133,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"comm: model={args.model} (dim {model.dim}, {model.n_layers} layers, vocab {model.vocab_size}), "
           f"seq_len={args.seq_len}, global batch {args.global_batch}, micro batch {args.micro_batch}, "
           f"{args.steps} steps, fp32, gloo; bytes per rank and step (MB = 1e6 bytes)", flush=True)
-    print(f"{'layout':8s} {'ranks':>5s} {'dim':13s} {'measured MB':>12s} {'formula MB':>11s} {'ratio':>7s}  goal")
+    print(f"{'layout':9s} {'ranks':>5s} {'dim':13s} {'measured MB':>12s} {'formula MB':>11s} {'ratio':>7s}  goal")
     began, verdicts = time.perf_counter(), []
     with tempfile.TemporaryDirectory(prefix="titan-comm-") as tmp:
         for name in names:
@@ -147,14 +176,14 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  note: {name} {key} differs between steps: {got}")
                 measured, formula = got[-1], want.get(key, 0.0)
                 if not formula:  # e.g. the loss all-reduce on the flattened `dp` group: a few bytes
-                    print(f"{name:8s} {layout.ranks:5d} {key:13s} {measured / 1e6:12.4f} {'-':>11s} {'-':>7s}  "
+                    print(f"{name:9s} {layout.ranks:5d} {key:13s} {measured / 1e6:12.4f} {'-':>11s} {'-':>7s}  "
                           f"{'scalars only' if measured < 1e3 else 'UNEXPECTED'}", flush=True)
                     continue
                 ratio = measured / formula
                 ok = abs(ratio - 1) <= args.tolerance
                 if layout.note != "extra":
                     verdicts.append(ok)
-                print(f"{name:8s} {layout.ranks:5d} {key:13s} {measured / 1e6:12.4f} {formula / 1e6:11.4f} "
+                print(f"{name:9s} {layout.ranks:5d} {key:13s} {measured / 1e6:12.4f} {formula / 1e6:11.4f} "
                       f"{ratio:7.4f}  {'met' if ok else 'NOT met'}{' (extra row)' if layout.note else ''}", flush=True)
     print(f"goal |measured / formula - 1| <= {args.tolerance:.0%}: {sum(verdicts)}/{len(verdicts)} rows met"
           f"{'' if all(verdicts) else ' (NOT met on all rows)'}")

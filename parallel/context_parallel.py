@@ -4,10 +4,11 @@ The sequence is cut into ``2 x cp`` chunks and rank ``i`` keeps chunks ``i`` and
 under a causal mask the early chunks have little work and the late ones much, so pairing them gives
 every rank the same number of query-key pairs (the Llama 3 scheme). Everything position-wise (the
 embedding, norms, MLP, the loss) runs on the local tokens; attention needs the keys and values of
-the whole sequence, so the model's attention core (declared in its plan) is wrapped: keys, values,
-their positions and document ids are all-gathered over the cp group with a differentiable
-functional collective (its backward reduce-scatters the key/value gradients back to their ranks),
-and the core masks by global position, so the causal and document masks stay exact.
+the whole sequence, so the model's attention core (declared in its plan) is wrapped: keys and values
+are all-gathered over the cp group with a differentiable functional collective (its backward
+reduce-scatters the key/value gradients back to their ranks). Causal attention then runs per local
+query chunk over the key prefix it may see; with document masking the keys' positions and document
+ids are gathered too (once per micro-batch) and the core masks by them, so both stay exact.
 """
 
 from __future__ import annotations
@@ -44,29 +45,69 @@ def gather_sequence(t: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torc
     return funcol.wait_tensor(gathered).movedim(0, dim)
 
 
+class GatheredKeys:
+    """Key positions and documents gathered once per micro-batch and shared by every layer (their
+    identity then lets the attention core build one mask for all layers)."""
+
+    def __init__(self) -> None:
+        self.key: tuple = ()
+        self.value: tuple = ()
+
+    def get(self, positions: torch.Tensor, documents: torch.Tensor | None, group: dist.ProcessGroup) -> tuple:
+        if len(self.key) != 2 or self.key[0] is not positions or self.key[1] is not documents:
+            self.key = (positions, documents)
+            self.value = (gather_sequence(positions, 1, group),
+                          gather_sequence(documents, 1, group) if documents is not None else None)
+        return self.value
+
+
 class ContextParallelAttention(nn.Module):
     """Wraps an attention core `(q, k, v, q_positions, k_positions, q_documents, k_documents)`: the
-    local queries attend over the keys and values of every cp rank."""
+    local queries attend over the keys and values of every cp rank.
 
-    def __init__(self, core: nn.Module, group: dist.ProcessGroup):
+    Plain causal attention (no documents) needs no mask of positions: the gathered keys are put in
+    sequence order and each local query chunk `j` attends to the keys of chunks `0..j`, as the last
+    tokens of that prefix (the core's no-positions case), which skips the keys it could not see. With
+    document ids the core masks the gathered keys by position and document."""
+
+    def __init__(self, core: nn.Module, group: dist.ProcessGroup, gathered: GatheredKeys):
         super().__init__()
-        self.core, self.group = core, group
+        self.core, self.group, self.gathered = core, group, gathered
+        self.cp, self.cp_rank = dist.get_world_size(group), dist.get_rank(group)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None,
                 k_positions: torch.Tensor | None, q_documents: torch.Tensor | None = None,
                 k_documents: torch.Tensor | None = None) -> torch.Tensor:
-        if k_positions is None:
-            raise ValueError("context parallel attention needs the tokens' global positions")
         k, v = gather_sequence(k, 2, self.group), gather_sequence(v, 2, self.group)
-        k_positions = gather_sequence(k_positions, 1, self.group)
-        if k_documents is not None:
-            k_documents = gather_sequence(k_documents, 1, self.group)
+        if q_documents is None:
+            return self._causal_by_chunks(q, k, v)
+        if q_positions is None:
+            raise ValueError("context parallel attention with documents needs the tokens' global positions")
+        k_positions, k_documents = self.gathered.get(q_positions, q_documents, self.group)
         return self.core(q, k, v, q_positions, k_positions, q_documents, k_documents)
+
+    def _causal_by_chunks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        order = sequence_order(self.cp, k.shape[2] // (2 * self.cp), k.device)
+        k, v = k.index_select(2, order), v.index_select(2, order)
+        chunk = q.shape[2] // 2
+        outs = []
+        for index, q_chunk in zip((self.cp_rank, 2 * self.cp - 1 - self.cp_rank), q.split(chunk, dim=2)):
+            end = (index + 1) * chunk
+            outs.append(self.core(q_chunk, k[:, :, :end], v[:, :, :end], None, None))
+        return torch.cat(outs, dim=2)
+
+
+def sequence_order(cp: int, chunk: int, device: torch.device) -> torch.Tensor:
+    """Indices that put the rank-ordered gather (rank r: chunks r, 2cp-1-r) back in sequence order."""
+    held = [c for r in range(cp) for c in (r, 2 * cp - 1 - r)]
+    where = {c: slot for slot, c in enumerate(held)}
+    return torch.cat([torch.arange(where[c] * chunk, (where[c] + 1) * chunk, device=device) for c in range(2 * cp)])
 
 
 def apply_context_parallel(blocks: nn.ModuleDict, plan: ModelPlan, group: dist.ProcessGroup) -> None:
     """Wrap every block's attention core (it has no parameters: names and checkpoints are unchanged)."""
     owner_path, _, name = plan.block.attention.rpartition(".")
+    gathered = GatheredKeys()
     for block in blocks.values():
         owner = block.get_submodule(owner_path) if owner_path else block
-        setattr(owner, name, ContextParallelAttention(getattr(owner, name), group))
+        setattr(owner, name, ContextParallelAttention(getattr(owner, name), group, gathered))
