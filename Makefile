@@ -33,3 +33,4 @@ bench: setup
 	$(PY) -m benchmarks.pipeline_bubble
 	$(PY) -m benchmarks.checkpoint
 	$(PY) -m benchmarks.hierarchical
+	$(PY) -m benchmarks.context_parallel

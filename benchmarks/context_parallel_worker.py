@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from parallel.mesh import init_process_group, read_env, shutdown
-from recipes.cli import compose_config
-from titan.build import build_layout, build_parallel_model, check_layout, resolve_dims
-from titan.config import PretrainConfig, register_schemas, validate
-from titan.data.loader import load_data, train_loader
+from benchmarks.worker_setup import setup_worker
+from parallel.mesh import shutdown
+from titan.build import build_parallel_model
+from titan.data.loader import train_loader
 
 
 def storage_ptr(t: torch.Tensor) -> int:
@@ -84,16 +81,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for rank<r>.json")
     args, overrides = parser.parse_known_args()
 
-    register_schemas()
-    cfg: PretrainConfig = OmegaConf.to_object(compose_config("pretrain", overrides))
-    env = read_env()
-    dims = resolve_dims(cfg, env)
-    validate(cfg, env.world_size, dims.dp_size)
-    check_layout(cfg, dims, env.device)
-    torch.set_num_threads(cfg.training.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
-    init_process_group(env, cfg.parallel.timeout_s)
-    data = load_data(cfg.data, cfg.training.seq_len)
-    layout = build_layout(dims, env)
+    cfg, env, dims, data, layout = setup_worker(overrides)
     model, par = build_parallel_model(cfg, layout, env.device, data.eot_id)
     batch = next(iter(train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size)))
 

@@ -22,21 +22,19 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.tensor import DTensor
 
-from parallel.mesh import init_process_group, read_env, shutdown
-from recipes.cli import compose_config
-from titan.build import Layout, build_layout, build_parallel_model, check_layout, resolve_dims
-from titan.config import ModelConfig, PretrainConfig, register_schemas, validate
-from titan.data.loader import load_data, train_loader
+from benchmarks.worker_setup import setup_worker
+from parallel.mesh import shutdown
+from titan.build import Layout, build_parallel_model
+from titan.config import ModelConfig, PretrainConfig
+from titan.data.loader import train_loader
 from titan.metrics import MetricsLogger, ThroughputMeter
 from titan.models import build_model
 from titan.optim import build_optimizer, build_scheduler
@@ -109,16 +107,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for rank<r>.json")
     args, overrides = parser.parse_known_args()
 
-    register_schemas()
-    cfg: PretrainConfig = OmegaConf.to_object(compose_config("pretrain", overrides))
-    env = read_env()
-    dims = resolve_dims(cfg, env)
-    validate(cfg, env.world_size, dims.dp_size)
-    check_layout(cfg, dims, env.device)
-    torch.set_num_threads(cfg.training.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
-    init_process_group(env, cfg.parallel.timeout_s)
-    data = load_data(cfg.data, cfg.training.seq_len)
-    layout = build_layout(dims, env)
+    cfg, env, dims, data, layout = setup_worker(overrides)
     shards = dims.dp_shard if dims.dp_size > 1 else 1
     shard_rank = layout.mesh["dp_shard"].get_local_rank() if layout.mesh is not None else 0
     uneven = uneven_check(cfg, layout, env.device, shards, shard_rank)

@@ -90,11 +90,83 @@ class ContextParallelAttention(nn.Module):
         order = sequence_order(self.cp, k.shape[2] // (2 * self.cp), k.device)
         k, v = k.index_select(2, order), v.index_select(2, order)
         chunk = q.shape[2] // 2
-        outs = []
-        for index, q_chunk in zip((self.cp_rank, 2 * self.cp - 1 - self.cp_rank), q.split(chunk, dim=2)):
-            end = (index + 1) * chunk
-            outs.append(self.core(q_chunk, k[:, :, :end], v[:, :, :end], None, None))
+        ends = tuple((index + 1) * chunk for index in (self.cp_rank, 2 * self.cp - 1 - self.cp_rank))
+        if q.device.type == "cpu" and q.requires_grad:
+            return PrefixCausalCPU.apply(q, k, v, ends)
+        outs = [self.core(q_chunk, k[:, :, :end], v[:, :, :end], None, None)
+                for end, q_chunk in zip(ends, q.split(chunk, dim=2))]
         return torch.cat(outs, dim=2)
+
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+class PrefixCausalCPU(torch.autograd.Function):
+    """Causal attention of query chunks, chunk `i` being the last tokens of the key prefix `[0, ends[i])`,
+    without materializing a mask (the CPU kernels take no lower-right causal mask): each chunk is
+    the merge, by log-sum-exp, of full attention over the keys before it and causal attention over
+    its own keys. Backward runs the kernel's backward on both parts with the merged output and
+    log-sum-exp, which gives each part's exact share of the gradients. The output is laid out as
+    (batch, seq, heads, dim) underneath, as SDPA's, so the output projection reads it without a copy.
+    Grouped-query keys and values are repeated per call and their gradients summed back."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: tuple[int, ...]) -> torch.Tensor:
+        batch, heads, length, dim = q.shape
+        out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
+        full_k, full_v = _repeat_heads(k, heads), _repeat_heads(v, heads)
+        lses = []
+        for rows, end in zip(_chunk_rows(length, len(ends)), ends):
+            out[:, :, rows], chunk_lse = _prefix_causal(q[:, :, rows], full_k[:, :, :end], full_v[:, :, :end])
+            lses.append(chunk_lse)
+        ctx.save_for_backward(q, k, v, out, torch.cat(lses, dim=2))
+        ctx.ends = ends
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        heads, length = q.shape[1], q.shape[2]
+        full_k, full_v = _repeat_heads(k, heads), _repeat_heads(v, heads)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(full_k), torch.zeros_like(full_v)
+        for rows, end in zip(_chunk_rows(length, len(ctx.ends)), ctx.ends):
+            start = end - (rows.stop - rows.start)
+            g, o, l_ = grad[:, :, rows].contiguous(), out[:, :, rows], lse[:, :, rows]
+            for keys, causal in ((slice(0, start), False), (slice(start, end), True)):
+                if keys.stop > keys.start:
+                    part = _FLASH_CPU_BACKWARD(g, q[:, :, rows], full_k[:, :, keys], full_v[:, :, keys], o, l_, 0.0,
+                                               causal)
+                    dq[:, :, rows] += part[0]
+                    dk[:, :, keys] += part[1]
+                    dv[:, :, keys] += part[2]
+        return dq, _sum_heads(dk, k.shape[1]), _sum_heads(dv, v.shape[1]), None
+
+
+def _chunk_rows(length: int, chunks: int) -> list[slice]:
+    size = length // chunks
+    return [slice(i * size, (i + 1) * size) for i in range(chunks)]
+
+
+def _prefix_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp) of `q`, the last tokens of `k`, attending causally to `k`."""
+    start = k.shape[2] - q.shape[2]
+    own, own_lse = _FLASH_CPU(q, k[:, :, start:], v[:, :, start:], 0.0, True)
+    if start == 0:
+        return own, own_lse
+    before, before_lse = _FLASH_CPU(q, k[:, :, :start], v[:, :, :start], 0.0, False)
+    lse = torch.logaddexp(before_lse, own_lse)
+    out = before * (before_lse - lse).exp().unsqueeze(-1) + own * (own_lse - lse).exp().unsqueeze(-1)
+    return out.to(q.dtype), lse
+
+
+def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _sum_heads(grad: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, all_heads, length, dim = grad.shape
+    return grad if all_heads == heads else grad.view(batch, heads, all_heads // heads, length, dim).sum(2)
 
 
 def sequence_order(cp: int, chunk: int, device: torch.device) -> torch.Tensor:
