@@ -66,8 +66,15 @@ def test_document_mask_changes_the_loss(references):
     assert causal[0]["loss"] != masked[0]["loss"]
 
 
-@pytest.mark.parametrize("mask", list(MASKS))
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# The default run covers both attention paths on cp2, cp2 x tp2 and cp2 x pp2, and the document path
+# everywhere; the other cases run with `make test-slow` (the suite's time budget).
+SLOW = {("cp4", "causal"), ("cp2_fsdp2", "causal"), ("hsdp_cp2", "causal"), ("cp2_ac_compile", "causal"),
+        ("cp2_ac_compile", "documents"), ("cp2_pp2_dualpipev", "causal"), ("cp2_pp2_dualpipev", "documents")}
+CASES = [pytest.param(name, mask, marks=[pytest.mark.slow] if (name, mask) in SLOW else [], id=f"{name}-{mask}")
+         for name in LAYOUTS for mask in MASKS]
+
+
+@pytest.mark.parametrize("name,mask", CASES)
 def test_cp_layouts_match_single_process(name, mask, references, corpus, tmp_path):
     nproc, extra = LAYOUTS[name]
     got = layout_metrics_matching(references[mask], nproc, [*COMMON, f"data.path={corpus}", *MASKS[mask], *extra],

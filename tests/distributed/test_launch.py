@@ -65,7 +65,7 @@ def test_two_loopback_nodes_hierarchical_match_single_process(reference, tmp_pat
     node_of = {r["rank"]: r["node"] for r in records}
     assert [r["node"] for r in records] == [0, 0, 1, 1]
     for record in records:
-        assert record["shape"] == {"pp": 1, "dp_replicate": 2, "dp_shard": 2, "tp": 1}
+        assert record["shape"] == {"pp": 1, "dp_replicate": 2, "dp_shard": 2, "cp": 1, "tp": 1}
         assert {node_of[rank] for rank in record["groups"]["dp_shard"]} == {record["node"]}  # shard inside a node
         assert len({node_of[rank] for rank in record["groups"]["dp_replicate"]}) == 2  # replicate across nodes
 
