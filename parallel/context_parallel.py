@@ -20,6 +20,7 @@ from torch import nn
 
 from parallel.errors import LayoutError
 from parallel.plan import ModelPlan
+from parallel.tensors import LastCallMemo
 
 
 def check_cp_degree(plan: ModelPlan, cp: int, seq_len: int) -> None:
@@ -45,20 +46,13 @@ def gather_sequence(t: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torc
     return funcol.wait_tensor(gathered).movedim(0, dim)
 
 
-class GatheredKeys:
-    """Key positions and documents gathered once per micro-batch and shared by every layer (their
-    identity then lets the attention core build one mask for all layers)."""
-
-    def __init__(self) -> None:
-        self.key: tuple = ()
-        self.value: tuple = ()
-
-    def get(self, positions: torch.Tensor, documents: torch.Tensor | None, group: dist.ProcessGroup) -> tuple:
-        if len(self.key) != 2 or self.key[0] is not positions or self.key[1] is not documents:
-            self.key = (positions, documents)
-            self.value = (gather_sequence(positions, 1, group),
-                          gather_sequence(documents, 1, group) if documents is not None else None)
-        return self.value
+def key_gatherer(group: dist.ProcessGroup) -> LastCallMemo:
+    """`(positions, documents) -> (gathered positions, gathered documents)` over `group`, gathered once
+    per micro-batch and shared by every layer (their identity then lets the attention core build one
+    mask for all layers)."""
+    return LastCallMemo(lambda positions, documents: (
+        gather_sequence(positions, 1, group),
+        gather_sequence(documents, 1, group) if documents is not None else None))
 
 
 class ContextParallelAttention(nn.Module):
@@ -70,7 +64,7 @@ class ContextParallelAttention(nn.Module):
     tokens of that prefix (the core's no-positions case), which skips the keys it could not see. With
     document ids the core masks the gathered keys by position and document."""
 
-    def __init__(self, core: nn.Module, group: dist.ProcessGroup, gathered: GatheredKeys):
+    def __init__(self, core: nn.Module, group: dist.ProcessGroup, gathered: LastCallMemo):
         super().__init__()
         self.core, self.group, self.gathered = core, group, gathered
         self.cp, self.cp_rank = dist.get_world_size(group), dist.get_rank(group)
@@ -83,7 +77,7 @@ class ContextParallelAttention(nn.Module):
             return self._causal_by_chunks(q, k, v)
         if q_positions is None:
             raise ValueError("context parallel attention with documents needs the tokens' global positions")
-        k_positions, k_documents = self.gathered.get(q_positions, q_documents, self.group)
+        k_positions, k_documents = self.gathered(q_positions, q_documents)
         return self.core(q, k, v, q_positions, k_positions, q_documents, k_documents)
 
     def _causal_by_chunks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -91,7 +85,7 @@ class ContextParallelAttention(nn.Module):
         k, v = k.index_select(2, order), v.index_select(2, order)
         chunk = q.shape[2] // 2
         ends = tuple((index + 1) * chunk for index in (self.cp_rank, 2 * self.cp - 1 - self.cp_rank))
-        if q.device.type == "cpu" and q.requires_grad:
+        if q.device.type == "cpu":
             return PrefixCausalCPU.apply(q, k, v, ends)
         outs = [self.core(q_chunk, k[:, :, :end], v[:, :, :end], None, None)
                 for end, q_chunk in zip(ends, q.split(chunk, dim=2))]
@@ -179,7 +173,7 @@ def sequence_order(cp: int, chunk: int, device: torch.device) -> torch.Tensor:
 def apply_context_parallel(blocks: nn.ModuleDict, plan: ModelPlan, group: dist.ProcessGroup) -> None:
     """Wrap every block's attention core (it has no parameters: names and checkpoints are unchanged)."""
     owner_path, _, name = plan.block.attention.rpartition(".")
-    gathered = GatheredKeys()
+    gathered = key_gatherer(group)
     for block in blocks.values():
         owner = block.get_submodule(owner_path) if owner_path else block
         setattr(owner, name, ContextParallelAttention(getattr(owner, name), group, gathered))

@@ -8,7 +8,6 @@ and turns every config problem into one paragraph on stderr with exit code 2.
 from __future__ import annotations
 
 import re
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NoReturn

@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from parallel.context_parallel import ContextParallelAttention, GatheredKeys, shard_sequence
+from parallel.context_parallel import ContextParallelAttention, key_gatherer, shard_sequence
 from titan.data.packing import document_ids
 from titan.models.llama import CausalAttention
 
@@ -31,7 +31,7 @@ def case(heads: int, kv_heads: int, with_documents: bool, rank: int, world: int)
     local = [shard_sequence(t, rank, world, dim=2).detach().requires_grad_() for t in (q, k, v)]
     pos = shard_sequence(positions, rank, world)
     docs = shard_sequence(documents, rank, world) if documents is not None else None
-    out_cp = ContextParallelAttention(CausalAttention(), dist.group.WORLD, GatheredKeys())(*local, pos, pos, docs, docs)
+    out_cp = ContextParallelAttention(CausalAttention(), dist.group.WORLD, key_gatherer(dist.group.WORLD))(*local, pos, pos, docs, docs)
     out_cp.backward(shard_sequence(grad_out, rank, world, dim=2))
 
     torch.testing.assert_close(out_cp, shard_sequence(out, rank, world, dim=2), rtol=1e-10, atol=1e-10)

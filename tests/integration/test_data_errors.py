@@ -139,7 +139,7 @@ def test_damaged_token_shards_are_refused(tmp_path):
     for name, proc in procs.items():
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         line = error_line(proc)
-        assert expected[name] in line and f"Fix: re-run `python -m recipes.prepare_data`" in line, line
+        assert expected[name] in line and "Fix: re-run `python -m recipes.prepare_data`" in line, line
 
     # An older meta.json without sizes or checksums: the size is tokens x 2 bytes; checksums cannot be checked.
     for s in meta["shards"]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.helpers import FAST, Launched, free_port, logged_steps, read_metrics, run_recipe, wait_for
+from tests.helpers import FAST, Launched, free_port, logged_steps, run_recipe, wait_for
 from titan.checkpoint import CheckpointManager
 
 QUICK = [*FAST, "eval.interval=0", "logging.log_interval=1"]

@@ -46,9 +46,9 @@ def open_tokenizer(d: DataConfig) -> Tokenizer:
 
 def check_windows(train: PackedWindows, held_out: PackedWindows, eval_fraction: float, need_eval: bool) -> None:
     """Refuse a stream without one train window (and one eval window when evals run)."""
-    tokens, seq_len = len(train.stream), train.seq_len
-    if _fits(tokens, seq_len, eval_fraction, need_eval):
+    if len(train) >= 1 and (len(held_out) >= 1 or not need_eval):
         return
+    tokens, seq_len = len(train.stream), train.seq_len
     needed = _min_tokens(seq_len, eval_fraction, need_eval)
     splits = "train and eval splits" if need_eval else "train split"
     problem = (f"the corpus has {tokens:,} tokens, too few for one window of training.seq_len + 1 = {seq_len + 1} "

@@ -12,14 +12,13 @@ head dimension pairs with the second half, so exported q/k weights need no permu
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from parallel.plan import BlockPlan, ModelPlan
+from parallel.tensors import LastCallMemo
 from titan.config import ModelConfig
 
 
@@ -55,8 +54,8 @@ class CausalAttention(nn.Module):
     gathers them from other ranks). Without positions the keys are a whole sequence from position 0
     and the queries its last tokens (all of them in a plain forward).
 
-    Masks are additive float tensors built once and shared by every layer: SDPA keeps the mask it
-    is given for backward, so one mask object per micro-batch is held, not one per layer."""
+    Document masks are additive float tensors built once and shared by every layer: SDPA keeps the
+    mask it is given for backward, so one mask object per micro-batch is held, not one per layer."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None,
                 k_positions: torch.Tensor | None, q_documents: torch.Tensor | None = None,
@@ -65,10 +64,9 @@ class CausalAttention(nn.Module):
         if q_positions is None and q.shape[2] == k.shape[2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if q_positions is None:
-            mask = causal_lower_right(q.shape[2], k.shape[2]) if q.is_cuda else \
-                _lower_right_mask(q.shape[2], k.shape[2], q.dtype, q.device)
+            mask = causal_lower_right(q.shape[2], k.shape[2])
         else:
-            mask = _SHARED_MASK.get(q_positions, k_positions, q_documents, k_documents, q.dtype)
+            mask = _SHARED_MASK(q_positions, k_positions, q_documents, k_documents, q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
@@ -86,30 +84,9 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-@functools.lru_cache(maxsize=16)
-def _lower_right_mask(queries: int, keys: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The causal mask of the last `queries` tokens over `keys` (the same for every step: cached)."""
-    rows = torch.arange(keys - queries, keys, device=device).unsqueeze(1)
-    return additive(torch.arange(keys, device=device).unsqueeze(0) <= rows, dtype)
-
-
-class _LastMask:
-    """The mask of the last (positions, documents) tensors seen, so the layers of one forward share it.
-    Keyed by the tensors' identity (held, so an id is not reused while cached)."""
-
-    def __init__(self) -> None:
-        self.key: tuple = ()
-        self.mask: torch.Tensor | None = None
-
-    def get(self, *inputs: torch.Tensor | None) -> torch.Tensor:
-        *tensors, dtype = inputs
-        if len(self.key) != len(inputs) or any(a is not b for a, b in zip(self.key, inputs)):
-            self.key = tuple(inputs)
-            self.mask = additive(attention_mask(*tensors), dtype).unsqueeze(1)
-        return self.mask
-
-
-_SHARED_MASK = _LastMask()
+# The mask of the last (positions, documents) seen: the layers of one forward build it once.
+_SHARED_MASK = LastCallMemo(lambda q_positions, k_positions, q_documents, k_documents, dtype: additive(
+    attention_mask(q_positions, k_positions, q_documents, k_documents), dtype).unsqueeze(1))
 
 
 class Attention(nn.Module):
