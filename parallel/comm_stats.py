@@ -76,9 +76,10 @@ def wire_bytes(kind: str, input_bytes: int, group_size: int) -> float:
     return input_bytes * (n - 1) / n
 
 
-def mesh_group_names(mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None = None) -> dict[str, str]:
-    """Process-group name -> mesh dimension (`dp`: the flattened data-parallel mesh); inner
-    dimensions win where groups coincide."""
+def mesh_group_names(mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None = None,
+                     expert_mesh: DeviceMesh | None = None) -> dict[str, str]:
+    """Process-group name -> mesh dimension (`dp`: the flattened data-parallel mesh; `ep` and
+    `expert_shard` from the expert mesh); inner dimensions win where groups coincide."""
     if mesh is None:
         return {}
     names: dict[str, str] = {}
@@ -87,6 +88,9 @@ def mesh_group_names(mesh: DeviceMesh | None, dp_mesh: DeviceMesh | None = None)
         names.setdefault(mesh[dim].get_group().group_name, dim)
     if dp_mesh is not None:
         names.setdefault(dp_mesh.get_group().group_name, "dp")
+    for dim, label in (("ep", "ep"), ("expert_shard", "expert_shard"), ("expert_shard_ep", "expert_shard"),
+                       ("dp_replicate", "dp_replicate"), ("tp", "tp"), ("pp", "pp")) if expert_mesh is not None else ():
+        names.setdefault(expert_mesh[dim].get_group().group_name, label)
     return names
 
 

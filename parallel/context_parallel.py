@@ -13,6 +13,8 @@ ids are gathered too (once per micro-batch) and the core masks by them, so both 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -170,10 +172,19 @@ def sequence_order(cp: int, chunk: int, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(where[c] * chunk, (where[c] + 1) * chunk, device=device) for c in range(2 * cp)])
 
 
+def sum_over_group(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """`value` (no gradient) summed over `group`, in place."""
+    dist.all_reduce(value, group=group)
+    return value
+
+
 def apply_context_parallel(blocks: nn.ModuleDict, plan: ModelPlan, group: dist.ProcessGroup) -> None:
-    """Wrap every block's attention core (it has no parameters: names and checkpoints are unchanged)."""
+    """Wrap every block's attention core (it has no parameters: names and checkpoints are unchanged),
+    and give the modules that keep per-sequence statistics the sum over the ranks sharing a sequence."""
     owner_path, _, name = plan.block.attention.rpartition(".")
     gathered = key_gatherer(group)
-    for block in blocks.values():
+    for key, block in blocks.items():
         owner = block.get_submodule(owner_path) if owner_path else block
         setattr(owner, name, ContextParallelAttention(getattr(owner, name), group, gathered))
+        for path in plan.block_plan(key).sequence_sums:
+            block.get_submodule(path).sum_over_sequence = partial(sum_over_group, group=group)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from parallel.errors import LayoutError
 
@@ -37,6 +38,22 @@ def check_reshard_after_forward(value: bool | int, dp_shard: int) -> bool | int:
                       "use true (ZeRO-3), false (ZeRO-2-like) or e.g. the ranks per node (secondary partition).")
 
 
+def _policies(param_dtype: torch.dtype | None, cpu_offload: bool) -> dict:
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+            "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
+
+
+def shard_experts(experts: list[nn.Module], mesh: DeviceMesh, reshard_after_forward: bool | int,
+                  param_dtype: torch.dtype | None, cpu_offload: bool) -> None:
+    """Expert-parallel experts as FSDP units of their own, over the data-parallel ranks that hold the
+    same experts (`mesh`). Their weights are already split by expert (dim 0), so FSDP splits dim 1
+    (a secondary partition size, meant for the dense weights' mesh, falls back to ZeRO-3 here)."""
+    for module in experts:
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward if isinstance(
+            reshard_after_forward, bool) else True, shard_placement_fn=lambda param: Shard(1),
+                    **_policies(param_dtype, cpu_offload))
+
+
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, dp_mesh: DeviceMesh, reshard_after_forward: bool | int,
                param_dtype: torch.dtype | None, cpu_offload: bool, embedding: nn.Module | None = None,
                head: list[nn.Module] | None = None) -> None:
@@ -44,9 +61,7 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, dp_mesh: DeviceMesh, res
     norm + output projection) as units of their own, then the root (what is left, e.g. a weight the
     embedding and output share). Units gathered one at a time keep the peak low: the embedding's
     and the output's full weights are never held through the whole step."""
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    offload: OffloadPolicy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    shard = partial(fully_shard, mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
+    shard = partial(fully_shard, mesh=dp_mesh, **_policies(param_dtype, cpu_offload))
     if embedding is not None:
         shard(embedding, reshard_after_forward=reshard_after_forward)
     ids = list(blocks.keys())

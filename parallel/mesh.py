@@ -28,9 +28,10 @@ class ParallelDims:
     pp: int
     world_size: int
     cp: int = 1
+    ep: int = 1  # expert parallel: borrows its ranks from dp_shard x cp
 
     def __post_init__(self) -> None:
-        for key in ("dp_replicate", "tp", "pp", "cp"):
+        for key in ("dp_replicate", "tp", "pp", "cp", "ep"):
             if getattr(self, key) < 1:
                 raise LayoutError(f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}.",
                                   f"set parallel.{key}=1 or more.")
@@ -50,11 +51,21 @@ class ParallelDims:
                               f"dp_replicate x dp_shard x cp x tp x pp = {self.dp_replicate} x {self.dp_shard} x "
                               f"{self.cp} x {self.tp} x {self.pp} = {product}, but the world size is {self.world_size}.",
                               "make the product equal the number of ranks (dp_shard=-1 fills it in).")
+        if (self.dp_shard * self.cp) % self.ep:
+            raise LayoutError("parallel.ep", f"ep={self.ep} does not divide dp_shard x cp = {self.dp_shard} x {self.cp} "
+                              f"= {self.dp_shard * self.cp}: expert parallelism borrows its ranks from the sharded "
+                              "data-parallel and context-parallel ranks.",
+                              "choose parallel.ep dividing dp_shard x cp (launch more ranks, or lower parallel.ep).")
 
     @property
     def dp_size(self) -> int:
         """Data-parallel degree: ranks that take different sequences of a global batch."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def expert_shard(self) -> int:
+        """Ranks that shard each expert's weights (FSDP): what is left of dp_shard x cp after ep."""
+        return self.dp_shard * self.cp // self.ep
 
     @property
     def fsdp_size(self) -> int:
@@ -141,18 +152,47 @@ def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, Device
     return mesh, dp_mesh
 
 
-def describe_mesh(mesh: DeviceMesh, env: DistEnv) -> dict:
+EXPERT_MESH_DIMS = ("pp", "dp_replicate", "expert_shard", "ep", "tp")
+
+
+def build_expert_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The same ranks seen as `(pp, dp_replicate, expert_shard, ep, tp)`: dp_shard x cp (flattened in
+    that order) split into what shards the experts' weights and what splits the experts (innermost,
+    so an expert-parallel group is consecutive ranks where it can be). Its own process groups; the
+    ep groups never reuse the default group, so `comm_gb/ep` counts the token all-to-alls apart."""
+    ranks = mesh.mesh.reshape(dims.pp, dims.dp_replicate, dims.expert_shard, dims.ep, dims.tp)
+    backends = tuple((dist.get_backend(), None) if name == "ep" else (None, None) for name in EXPERT_MESH_DIMS)
+    expert_mesh = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=EXPERT_MESH_DIMS, backend_override=backends)
+    expert_mesh["expert_shard", "ep"]._flatten("expert_shard_ep")  # one reduction for the experts' grad norm
+    return expert_mesh
+
+
+def expert_dp_mesh(expert_mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """What FSDP shards (and HSDP replicates) the experts' weights over."""
+    return expert_mesh["dp_replicate", "expert_shard"] if dims.dp_replicate > 1 else expert_mesh["expert_shard"]
+
+
+def describe_mesh(mesh: DeviceMesh, env: DistEnv, expert_mesh: DeviceMesh | None = None) -> dict:
     """This rank's place in the mesh: its index along each dimension and the global ranks of the
-    group it belongs to along each dimension."""
+    group it belongs to along each dimension (and its expert-parallel groups when ep > 1)."""
+    record = {"rank": env.rank, "node": env.node_rank, "local_rank": env.local_rank, "host": socket.gethostname(),
+              "shape": dict(zip(MESH_DIMS, mesh.mesh.shape)), "coordinate": dict(zip(MESH_DIMS, mesh.get_coordinate())),
+              "groups": _groups(mesh, MESH_DIMS)}
+    if expert_mesh is not None:
+        record["expert_groups"] = {name: ranks for name, ranks in _groups(expert_mesh, EXPERT_MESH_DIMS).items()
+                                   if name in ("expert_shard", "ep")}
+    return record
+
+
+def _groups(mesh: DeviceMesh, names: tuple[str, ...]) -> dict[str, list[int]]:
+    """Dimension -> the global ranks of this rank's group along it."""
     coordinate = mesh.get_coordinate()
     groups = {}
-    for position, name in enumerate(MESH_DIMS):
+    for position, name in enumerate(names):
         index = [*coordinate]
         index[position] = slice(None)
         groups[name] = mesh.mesh[tuple(index)].tolist()
-    return {"rank": env.rank, "node": env.node_rank, "local_rank": env.local_rank, "host": socket.gethostname(),
-            "shape": dict(zip(MESH_DIMS, mesh.mesh.shape)), "coordinate": dict(zip(MESH_DIMS, coordinate)),
-            "groups": groups}
+    return groups
 
 
 def dp_mesh_for_fsdp(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:

@@ -1,5 +1,5 @@
-"""Apply parallelism to a plain model from outside, in one order:
-tensor parallel -> context parallel -> activation checkpointing -> compile -> FSDP/HSDP/DDP."""
+"""Apply parallelism to a plain model from outside, in one order: tensor parallel -> expert parallel
+-> context parallel -> activation checkpointing -> compile -> FSDP/HSDP/DDP."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.context_parallel import apply_context_parallel
-from parallel.data_parallel import apply_fsdp, check_reshard_after_forward
+from parallel.data_parallel import apply_fsdp, check_reshard_after_forward, shard_experts
+from parallel.expert_parallel import apply_expert_parallel
 from parallel.errors import LayoutError
-from parallel.mesh import ParallelDims, dp_mesh_for_fsdp
+from parallel.mesh import ParallelDims, dp_mesh_for_fsdp, expert_dp_mesh
 from parallel.plan import ModelPlan
 from parallel.tensors import tie_parameters
 from parallel.tensor_parallel import apply_tensor_parallel, check_tp_degree
@@ -36,13 +37,17 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, every: int)
 def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: DeviceMesh | None,
                 sequence_parallel: bool, loss_parallel: bool, reshard_after_forward: bool | int,
                 activation_checkpoint: str = "none", activation_checkpoint_every: int = 1,
-                compile: bool = False, param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> None:
-    """Parallelize `model` (still on the meta device) in place according to `dims`."""
+                compile: bool = False, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
+                expert_mesh: DeviceMesh | None = None) -> None:
+    """Parallelize `model` (still on the meta device) in place according to `dims`; `expert_mesh`
+    (`build_expert_mesh`) when dims.ep > 1."""
     blocks: nn.ModuleDict = model.get_submodule(plan.blocks)
     if dims.tp > 1:
         check_tp_degree(plan, dims.tp)
         apply_tensor_parallel(model, plan, mesh["tp"], sequence_parallel, loss_parallel)
         tie_parameters(model, plan.tied)  # TP replaced each module's parameter separately
+    if dims.ep > 1:
+        apply_expert_parallel(blocks, plan, expert_mesh["ep"])
     if dims.cp > 1:
         apply_context_parallel(blocks, plan, mesh["cp"].get_group())
     apply_activation_checkpointing(blocks, activation_checkpoint, activation_checkpoint_every)
@@ -56,6 +61,9 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
         raf = check_reshard_after_forward(reshard_after_forward, dims.dp_shard * dims.cp)
         dp_mesh = dp_mesh_for_fsdp(mesh, dims) if mesh is not None else None
         embedding, head = _separate_units(model, plan)
+        if dims.ep > 1:
+            shard_experts([blocks[k].get_submodule(plan.experts) for k in plan.sparse_blocks if k in blocks],
+                          expert_dp_mesh(expert_mesh, dims), raf, param_dtype, cpu_offload)
         apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload, embedding, head)
 
 

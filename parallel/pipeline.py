@@ -12,6 +12,7 @@ model with the other blocks removed, so parameter names stay the global ones.
 from __future__ import annotations
 
 import copy
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -146,9 +147,37 @@ def stage_module(model: nn.Module, plan: ModelPlan, layout: PipelineLayout, stag
     return part
 
 
+_SHAPE_INFERENCE: ContextVar[bool] = ContextVar("pipeline_shape_inference", default=False)
+SHAPE_INFERENCE_METHODS = ("_forward_metadata_inference", "_shape_inference")  # torch 2.13, earlier
+
+
+def in_shape_inference() -> bool:
+    """Whether the forward running now is a pipeline stage's shape inference: a pass over placeholder
+    inputs before the first step, whose side effects (e.g. routing statistics) must not count."""
+    return _SHAPE_INFERENCE.get()
+
+
+def _flag_shape_inference(stage: PipelineStage) -> None:
+    for name in SHAPE_INFERENCE_METHODS:
+        original = getattr(stage, name, None)
+        if original is not None:
+            setattr(stage, name, partial(_while_inferring, original))
+
+
+def _while_inferring(original: Callable, *args, **kwargs):
+    token = _SHAPE_INFERENCE.set(True)
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _SHAPE_INFERENCE.reset(token)
+
+
 def build_schedule(schedule: str, stages: list[PipelineStage], n_microbatches: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> _PipelineSchedule:
-    """The torch schedule; gradients are not rescaled (the loss function already normalizes)."""
+    """The torch schedule; gradients are not rescaled (the loss function already normalizes). The
+    stages' shape inference is flagged (`in_shape_inference`)."""
+    for stage in stages:
+        _flag_shape_inference(stage)
     cls = SCHEDULES[schedule]
     try:
         if issubclass(cls, PipelineScheduleSingle):

@@ -15,6 +15,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -46,16 +47,23 @@ def apply_tensor_parallel(model: nn.Module, plan: ModelPlan, tp_mesh: DeviceMesh
         top[plan.final_norm] = SequenceParallel()
     parallelize_module(model, tp_mesh, top)
     blocks: nn.ModuleDict = model.get_submodule(plan.blocks)
-    for block in blocks.values():
-        layer_plan: dict = {name: ColwiseParallel() for name in plan.block.colwise}
-        layer_plan.update({name: RowwiseParallel(output_layouts=residual) for name in plan.block.rowwise})
+    for key, block in blocks.items():
+        block_plan = plan.block_plan(key)
+        layer_plan: dict = {name: ColwiseParallel() for name in block_plan.colwise}
+        layer_plan.update({name: RowwiseParallel(output_layouts=residual) for name in block_plan.rowwise})
         if sequence_parallel:
-            layer_plan.update({name: SequenceParallel() for name in plan.block.norms})
+            layer_plan.update({name: SequenceParallel() for name in block_plan.norms})
         # Enter attention / MLP with a Replicate DTensor (gathered from the sequence shard under SP):
         # backward then reduces the input gradient once per sub-module instead of once per linear.
         layer_plan.update({
             name: PrepareModuleInput(input_layouts=(residual,) + (None,) * (n_inputs - 1),
                                      desired_input_layouts=(Replicate(),) + (None,) * (n_inputs - 1),
                                      use_local_output=False)
-            for name, n_inputs in plan.block.tp_inputs.items()})
+            for name, n_inputs in block_plan.tp_inputs.items()})
+        # Computed whole on every tp rank: enter with the whole sequence, leave as the residual's layout.
+        layer_plan.update({
+            name: PrepareModuleInputOutput(input_layouts=(residual,), desired_input_layouts=(Replicate(),),
+                                           use_local_input=True, output_layouts=(Replicate(),),
+                                           desired_output_layouts=(residual,), use_local_output=True)
+            for name in block_plan.replicated})
         parallelize_module(block, tp_mesh, layer_plan)

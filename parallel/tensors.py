@@ -23,6 +23,11 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full)
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (its shard), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def local_device(param: torch.Tensor) -> torch.device:
     """Device of the data this rank actually holds."""
     return param.to_local().device if isinstance(param, DTensor) else param.device

@@ -1,4 +1,6 @@
-"""Export a checkpoint as a Hugging Face Llama folder that `transformers` loads offline.
+"""Export a checkpoint as a Hugging Face folder that `transformers` loads offline: a Llama, or for a
+mixture of experts a Glm4Moe (sigmoid routing) or Mixtral (softmax routing); a mixture of experts
+that no transformers class computes exactly is refused.
 
 `python -m recipes.export checkpoint=<step dir> out=<dir>` writes config.json, model.safetensors
 (sharded with an index past `max_shard_gb`) and the tokenizer files. The folder is written beside
@@ -22,9 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 from recipes.cli import config_errors, fail
 from recipes.help import UnknownSection, help_request, render_help
 from titan.checkpoint import COMMIT_MARKER, CheckpointManager
-from titan.checkpoint.hf import hf_config, save_hf_weights, write_byte_tokenizer, write_tokenizer_config
+from titan.checkpoint.hf import hf_config, hf_state_dict, save_hf_weights, write_byte_tokenizer, write_tokenizer_config
 from titan.checkpoint.manifest import CorruptCheckpointError
-from titan.config import ConfigError, ModelConfig
+from titan.config import ConfigError, ModelConfig, MoEConfig
 from titan.data.corpus import SHARD_META
 from titan.data.tokenizer import Tokenizer, load_tokenizer
 from titan.fileio import inside, staged
@@ -46,6 +48,20 @@ def tokenizer_spec(saved: dict) -> tuple[str, str | None]:
         meta = json.loads((Path(data["path"]) / SHARD_META).read_text())
         return meta["tokenizer"], data.get("eot_token")
     return data["tokenizer"], data.get("eot_token")
+
+
+def saved_model_config(model: dict) -> ModelConfig:
+    """The model config a checkpoint's train state recorded (as a plain dict, `moe` nested)."""
+    return ModelConfig(**{**model, "moe": MoEConfig(**model.get("moe", {}))})
+
+
+def load_model_state(step_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint's full model state dict (parameters and persistent buffers) in float32 on the CPU."""
+    model = build_model(model_cfg)
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(step_dir))
+    return {k: v.detach().to(torch.float32) for k, v in state["model"].items()}
 
 
 def check_paths(step_dir: Path, out: Path, overwrite: bool) -> None:
@@ -71,18 +87,15 @@ def export(cfg: ExportConfig) -> Path:
     except CorruptCheckpointError as exc:
         raise ConfigError("checkpoint", f"{exc}.", "export an intact (e.g. the previous) checkpoint.") from exc
     saved = CheckpointManager.read_train_state(step_dir)["config"]
-    model_cfg = ModelConfig(**saved["model"])
-    model = build_model(model_cfg)
-    model.to_empty(device="cpu")
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(step_dir))
+    model_cfg = saved_model_config(saved["model"])
     spec, eot_token = tokenizer_spec(saved)
     tokenizer = load_tokenizer(spec, eot_token)
-    full = {k: v.detach().to(torch.float32) for k, v in state["model"].items()}
+    config = hf_config(model_cfg, tokenizer.eot_id)  # refuses, before reading weights, what no class computes
+    tensors = hf_state_dict(load_model_state(step_dir, model_cfg), model_cfg)
     with staged(out) as folder:
         write_tokenizer(folder, spec, eot_token, tokenizer, model_cfg.max_seq_len)
-        (folder / "config.json").write_text(json.dumps(hf_config(model_cfg, tokenizer.eot_id), indent=1))
-        save_hf_weights(full, folder, model_cfg.tie_embeddings, int(cfg.max_shard_gb * 1e9))
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        save_hf_weights(tensors, folder, int(cfg.max_shard_gb * 1e9))
     return out
 
 

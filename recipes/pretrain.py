@@ -36,6 +36,7 @@ from titan.metrics import (
 from titan.build import build_layout, build_parallel_model, check_layout, report_mesh, resolve_dims
 from titan.models import flops_per_token
 from titan.errors import NonFiniteStepError
+from titan.expert_balance import ExpertBalance
 from titan.optim import apply_settings, build_optimizer, build_scheduler
 from titan.preemption import PreemptionWatch
 from titan.run_dir import RunDirLock, check_writable
@@ -137,9 +138,11 @@ def main(argv: list[str]) -> None:
         return stopping
 
     on_batches = SequenceIdLog(run_dir, par.dp_group, env.is_writer) if cfg.logging.sequence_ids else None
+    balance = ExpertBalance(model, cfg.model, par.global_sum) if cfg.model.moe.n_experts else None
     trainer = Trainer(cfg, model, optimizer, scheduler, iter(loader),
                       lambda: eval_batches(data, cfg.training, layout.dp_rank, dims.dp_size, cfg.eval.steps), par,
-                      device, metrics, throughput, state, on_step_end, on_batches)
+                      device, metrics, throughput, state, on_step_end, on_batches,
+                      balance.after_step if balance else dict)
     stop.start_training()
     with config_errors():  # a non-finite step or a failed save: one paragraph, its own exit code
         try:

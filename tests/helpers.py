@@ -52,6 +52,19 @@ def assert_curves_match(reference: list[dict], got: list[dict], rtol: float = 1e
                 assert abs(row[key] - ref[key]) <= rtol * abs(ref[key]), (row["step"], key, row[key], ref[key])
 
 
+def assert_exactly_once(run_dirs: list[Path], steps: int, global_batch: int) -> None:
+    """Runs that overlap (a run and its resume) drew the same global batch at each shared step, and
+    together saw every sequence of steps 1..`steps` exactly once (`logging.sequence_ids=true`)."""
+    ids: dict[int, list[list[int]]] = {}
+    for run_dir in run_dirs:
+        for line in (run_dir / "sequence_ids.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            ids.setdefault(row["step"], []).append(row["ids"])
+    assert all(len({tuple(i) for i in batches}) == 1 for batches in ids.values())  # the same batch on every run
+    seen = [i for step in range(1, steps + 1) for i in ids[step][-1]]
+    assert len(seen) == len(set(seen)) == steps * global_batch
+
+
 def single_process_metrics(run_dir: Path, args: list[str]) -> list[dict]:
     """Metrics of a one-process `recipes.pretrain` run: the reference every layout must match."""
     proc = run_recipe("recipes.pretrain", [*args, f"run.dir={run_dir}"])

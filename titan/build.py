@@ -21,15 +21,15 @@ from parallel.data_parallel import check_reshard_after_forward
 from parallel.errors import LayoutError
 from parallel.grad_norm import clip_grad_norm_
 from parallel.context_parallel import check_cp_degree
-from parallel.mesh import DistEnv, ParallelDims, build_mesh, describe_mesh, hierarchical_dims, loss_group
+from parallel.mesh import (DistEnv, ParallelDims, build_expert_mesh, build_mesh, describe_mesh, hierarchical_dims,
+                           loss_group)
 from parallel.parallelize import parallelize
 from parallel.pipeline import (V_SHAPED, PipelineLayout, SideInputs, StageUnion, build_schedule, plan_stages,
                                stage_module)
 from parallel.tensor_parallel import check_tp_degree
 from titan.checkpoint.hf import check_init_from, load_pretrained
 from titan.config import ConfigError, PretrainConfig
-from titan.models import Llama, build_model, init_weights
-from titan.models.llama import flops_per_token
+from titan.models import Llama, build_model, flops_per_token, init_weights
 from titan.runners import InputLayout, MicroBatchRunner, PipelineRunner, ScaledTokenLoss, StepRunner
 from titan.trainer import ParallelContext
 
@@ -39,6 +39,7 @@ class Layout:
     dims: ParallelDims
     mesh: DeviceMesh | None
     dp_mesh: DeviceMesh | None  # the flattened (dp_replicate, dp_shard) dimension
+    expert_mesh: DeviceMesh | None = None  # (pp, dp_replicate, expert_shard, ep, tp) when ep > 1
 
     @property
     def dp_rank(self) -> int:
@@ -51,26 +52,27 @@ def resolve_dims(cfg: PretrainConfig, env: DistEnv) -> ParallelDims:
     dp_replicate, dp_shard = p.dp_replicate, p.dp_shard
     if p.hierarchical:
         dp_replicate, dp_shard = hierarchical_dims(env, p.tp, p.pp, p.cp)
-    return ParallelDims(dp_replicate, dp_shard, p.tp, p.pp, env.world_size, p.cp)
+    return ParallelDims(dp_replicate, dp_shard, p.tp, p.pp, env.world_size, p.cp, p.ep)
 
 
 def build_layout(dims: ParallelDims, env: DistEnv) -> Layout:
     if env.world_size == 1:
         return Layout(dims, None, None)
     mesh, dp_mesh = build_mesh(dims, env.device.type)
-    return Layout(dims, mesh, dp_mesh)
+    return Layout(dims, mesh, dp_mesh, build_expert_mesh(mesh, dims) if dims.ep > 1 else None)
 
 
 def report_mesh(layout: Layout, env: DistEnv, run_dir: Path) -> None:
     """Every rank says where it sits: one line on its output and `<run.dir>/mesh/rank-<N>.json`."""
     if layout.mesh is None:
         return
-    record = describe_mesh(layout.mesh, env)
+    record = describe_mesh(layout.mesh, env, layout.expert_mesh)
     folder = run_dir / "mesh"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank-{env.rank}.json").write_text(json.dumps(record, indent=1) + "\n")
     place = " ".join(f"{name} {record['coordinate'][name]}/{size}" for name, size in record["shape"].items())
-    groups = ", ".join(f"{name} group {ranks}" for name, ranks in record["groups"].items() if len(ranks) > 1)
+    groups = ", ".join(f"{name} group {ranks}" for name, ranks in {**record["groups"], **record.get("expert_groups", {})}.items()
+                       if len(ranks) > 1)
     print(f"mesh: rank {env.rank} (node {env.node_rank}, local rank {env.local_rank}, host {record['host']}): "
           f"{place}; {groups}", flush=True)
 
@@ -127,10 +129,11 @@ def pipeline_microbatches(cfg: PretrainConfig, dims: ParallelDims, layout: Pipel
     return n
 
 
-def _parallelize_part(part: nn.Module, cfg: PretrainConfig, dims: ParallelDims, mesh: DeviceMesh | None,
-                      use_loss_parallel: bool, device: torch.device) -> None:
+def _parallelize_part(part: nn.Module, cfg: PretrainConfig, layout: Layout, use_loss_parallel: bool,
+                      device: torch.device) -> None:
     """TP -> activation checkpointing -> compile -> FSDP on one model part, then materialize and init."""
-    parallelize(part, part.plan(), dims=dims, mesh=mesh, sequence_parallel=cfg.parallel.sequence_parallel,
+    parallelize(part, part.plan(), dims=layout.dims, mesh=layout.mesh, expert_mesh=layout.expert_mesh,
+                sequence_parallel=cfg.parallel.sequence_parallel,
                 loss_parallel=use_loss_parallel, reshard_after_forward=cfg.parallel.reshard_after_forward,
                 activation_checkpoint=cfg.training.activation_checkpoint,
                 activation_checkpoint_every=cfg.training.activation_checkpoint_every,
@@ -158,7 +161,7 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
     model = build_model(cfg.model)
     runner: StepRunner
     if dims.pp == 1:
-        _parallelize_part(model, cfg, dims, mesh, use_loss_parallel, device)
+        _parallelize_part(model, cfg, layout, use_loss_parallel, device)
         runner = MicroBatchRunner(model, device, tokens_per_step, dims.fsdp_size, autocast_dtype, loss_context,
                                   _to_local, inputs)
     else:
@@ -172,7 +175,7 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
         loss_group=loss_group(mesh, layout.dp_mesh, dims) if dims.fsdp_size > 1 else None,
         pp_group=pp_group,
         clip_grad_norm=partial(clip_grad_norm_, pp_group=pp_group),
-        comm_counter=partial(CommCounter, mesh_group_names(mesh, layout.dp_mesh)) if mesh is not None else None,
+        comm_counter=partial(CommCounter, mesh_group_names(mesh, layout.dp_mesh, layout.expert_mesh)) if mesh is not None else None,
     )
     return model, par
 
@@ -189,7 +192,7 @@ def _build_pipeline(model: Llama, cfg: PretrainConfig, layout: Layout, device: t
     parts, stages = [], []
     for stage in stages_layout.stages_of(pp_rank):
         part = stage_module(model, plan, stages_layout, stage)
-        _parallelize_part(part, cfg, dims, mesh, use_loss_parallel, device)
+        _parallelize_part(part, cfg, layout, use_loss_parallel, device)
         parts.append(part)
         stages.append(PipelineStage(part, stage, stages_layout.num_stages, device, group=pp_mesh.get_group()))
     loss_fn = ScaledTokenLoss()

@@ -23,6 +23,26 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts: every `every`-th block after the first `first_dense` routes each token to
+    `top_k` of `n_experts` SwiGLU experts (dropless, token choice). `n_experts=0` is a dense model."""
+
+    n_experts: int = 0  # routed experts per MoE layer; 0 = dense model (no MoE layers)
+    top_k: int = 2  # experts each token is sent to
+    hidden_dim: int = 128  # hidden width of each expert's SwiGLU
+    n_shared_experts: int = 0  # experts every token goes through as well (one SwiGLU of n x hidden_dim)
+    every: int = 1  # an MoE layer every N blocks (the others dense)
+    first_dense: int = 0  # the first N blocks stay dense (as DeepSeek does)
+    score: str = "sigmoid"  # router scores: sigmoid (DeepSeek-V3) | softmax (Mixtral, OLMoE)
+    normalize_weights: bool = True  # rescale the top-k scores of a token to sum to 1
+    route_scale: float = 1.0  # multiplies the routed output (DeepSeek-V3's routed_scaling_factor)
+    bias_update_rate: float = 0.001  # auxiliary-loss-free balancing: per-expert bias step after each step; 0 = off
+    aux_loss_coef: float = 0.0  # sequence-level load-balancing loss coefficient (per MoE layer)
+    z_loss_coef: float = 0.0  # router z-loss coefficient (per MoE layer)
+    experts_impl: str = "auto"  # grouped (torch._grouped_mm) | looped (one matmul per expert) | auto
+
+
+@dataclass
 class ModelConfig:
     """Llama-style decoder shape."""
 
@@ -38,7 +58,8 @@ class ModelConfig:
     max_seq_len: int = 2048  # longest sequence the RoPE tables cover; >= training.seq_len
     tie_embeddings: bool = False  # share the token embedding with the output projection
     init_std: float = 0.02  # std of the normal weight init (output projections scaled by 1/sqrt(2 n_layers))
-    init_from: Optional[str] = None  # a Hugging Face Llama folder to start from instead of random weights
+    init_from: Optional[str] = None  # a Hugging Face folder (Llama, or Glm4Moe / Mixtral for MoE) to start from
+    moe: MoEConfig = field(default_factory=MoEConfig)  # mixture-of-experts layers (off by default)
 
 
 @dataclass
@@ -107,6 +128,7 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (heads, vocabulary and hidden sizes must divide)
     cp: int = 1  # context parallel: ranks that split every sequence (each holds 2 of its 2 x cp chunks)
     pp: int = 1  # pipeline-parallel stages
+    ep: int = 1  # expert parallel: ranks that split the experts, borrowed from dp_shard x cp (must divide it)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv | dualpipev
     pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved and V schedules)
     pp_microbatches: Optional[int] = None  # default: local batch / training.micro_batch_size
@@ -245,3 +267,37 @@ def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
                           "choose micro_batch_size dividing global_batch_size / data-parallel size.")
     if world_size < 1:
         raise ConfigError("world_size", f"invalid world size {world_size}.", "launch with torchrun.")
+    validate_moe(cfg)
+
+
+def validate_moe(cfg: PretrainConfig) -> None:
+    """MoE keys: consistent with each other, and set only on a mixture-of-experts model."""
+    moe, defaults = cfg.model.moe, MoEConfig()
+    if moe.n_experts == 0:
+        changed = [k for k in MoEConfig.__dataclass_fields__ if getattr(moe, k) != getattr(defaults, k)]
+        if changed:
+            raise ConfigError(f"model.moe.{changed[0]}", "is set, but the model is dense (model.moe.n_experts=0).",
+                              "pick an MoE model (e.g. model=moe_small) or set model.moe.n_experts, or drop the key.")
+        if cfg.parallel.ep > 1:
+            raise ConfigError("parallel.ep", f"expert parallelism (ep={cfg.parallel.ep}) needs a mixture-of-experts "
+                              "model, and this one is dense.", "set parallel.ep=1, or pick model=moe_small.")
+        return
+    for key in ("n_experts", "top_k", "hidden_dim", "every"):
+        _positive(f"model.moe.{key}", getattr(moe, key))
+    for key in ("n_shared_experts", "first_dense"):
+        if getattr(moe, key) < 0:
+            raise ConfigError(f"model.moe.{key}", f"must be >= 0, got {getattr(moe, key)}.", f"set model.moe.{key}=0 or more.")
+    if moe.top_k > moe.n_experts:
+        raise ConfigError("model.moe.top_k", f"{moe.top_k} experts per token is more than the {moe.n_experts} there are.",
+                          "choose model.moe.top_k <= model.moe.n_experts.")
+    if moe.first_dense >= cfg.model.n_layers:
+        raise ConfigError("model.moe.first_dense", f"{moe.first_dense} dense blocks leave no MoE layer among the "
+                          f"{cfg.model.n_layers} blocks.", "lower model.moe.first_dense (or set n_experts=0 for dense).")
+    _one_of("model.moe.score", moe.score, ("sigmoid", "softmax"))
+    _one_of("model.moe.experts_impl", moe.experts_impl, ("auto", "grouped", "looped"))
+    for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef", "route_scale"):
+        if getattr(moe, key) < 0:
+            raise ConfigError(f"model.moe.{key}", f"must be >= 0, got {getattr(moe, key)}.", f"set model.moe.{key}=0 or more.")
+    if moe.n_experts % cfg.parallel.ep:
+        raise ConfigError("parallel.ep", f"ep={cfg.parallel.ep} does not divide model.moe.n_experts={moe.n_experts}.",
+                          "choose parallel.ep dividing the number of experts.")

@@ -140,7 +140,7 @@ class ConsoleSink:
 
     FIELDS = (("loss", "loss", "{:.4f}"), ("eval_loss", "eval", "{:.4f}"), ("lr", "lr", "{:.2e}"),
               ("grad_norm", "gnorm", "{:.3f}"), ("tokens_per_s", "tok/s", "{:,.0f}"), ("tflops", "tflops", "{:.3f}"),
-              ("mfu", "mfu", "{:.1%}"), ("mem_gb", "mem_gb", "{:.2f}"))
+              ("mfu", "mfu", "{:.1%}"), ("mem_gb", "mem_gb", "{:.2f}"), ("moe/load_max_mean", "load max/mean", "{:.2f}"))
 
     def __init__(self, total_steps: int, first_step: int, show_bar: bool):
         from rich.console import Console
@@ -225,10 +225,23 @@ class WandbSink:
                   "metrics.jsonl and the console.", flush=True)
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self._guarded(lambda: self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"]))
+        self._guarded(lambda: self.run.log(wandb_values(metrics), step=metrics["step"]))
 
     def close(self) -> None:
         self._guarded(self.run.finish)
+
+
+def wandb_values(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A step's record as W&B values: a per-layer table of loads (`moe/expert_load`: layer -> load of
+    each expert / mean) becomes one bar histogram per layer (`moe/expert_load/layer_<i>`, the load
+    over the expert index)."""
+    import wandb
+
+    values = {k: v for k, v in metrics.items() if k not in ("step", "moe/expert_load")}
+    for layer, loads in metrics.get("moe/expert_load", {}).items():
+        edges = [float(e) for e in range(len(loads) + 1)]
+        values[f"moe/expert_load/layer_{layer}"] = wandb.Histogram(np_histogram=(loads, edges))
+    return values
 
 
 class MetricsLogger:

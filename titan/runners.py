@@ -21,6 +21,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from parallel.context_parallel import shard_sequence
 from parallel.pipeline import SideInputs
 from titan.data.packing import document_ids, positions_in_documents
+from titan.models.moe import auxiliary_loss_scale
 
 ToLocal = Callable[[torch.Tensor], torch.Tensor]
 
@@ -92,7 +93,7 @@ class MicroBatchRunner:
     def train(self, batches: list[dict]) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for batch in batches:
-            with self.loss_context():
+            with self.loss_context(), auxiliary_loss_scale(self.dp_size / self.tokens_per_step):
                 part = self._loss_sum(batch) / self.tokens_per_step
                 (part * self.dp_size).backward()
             total += self.to_local(part.detach())
@@ -148,7 +149,7 @@ class PipelineRunner:
         self.loss_fn.scale = scale
         losses: list[torch.Tensor] = []
         run = self.schedule.step if backward else self.schedule.eval
-        with self.loss_context(), autocast(self.device, self.autocast_dtype):
+        with self.loss_context(), autocast(self.device, self.autocast_dtype), auxiliary_loss_scale(scale):
             run(*args, target=targets if self.has_last else None, losses=losses)
         total = torch.zeros((), device=self.device)
         for loss in losses:

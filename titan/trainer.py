@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -72,17 +72,21 @@ class Trainer:
                  eval_batches: Callable[[], Iterator[dict]], par: ParallelContext, device: torch.device,
                  metrics: MetricsLogger, throughput: ThroughputMeter, state: TrainState,
                  on_step_end: Callable[[TrainState], bool] = lambda state: False,
-                 on_batches: Callable[[int, list[dict]], None] | None = None):
+                 on_batches: Callable[[int, list[dict]], None] | None = None,
+                 after_update: Callable[[], dict[str, Any]] = dict):
+        """`after_update` runs after every optimizer step (e.g. the expert-bias update) and returns
+        metrics for the step's record."""
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.batches, self.eval_batches, self.par, self.device = batches, eval_batches, par, device
         self.metrics, self.throughput = metrics, throughput
-        self.state, self.on_step_end, self.on_batches = state, on_step_end, on_batches
+        self.state, self.on_step_end, self.on_batches, self.after_update = state, on_step_end, on_batches, after_update
         t = cfg.training
         self.accum_steps = t.global_batch_size // par.dp_size // t.micro_batch_size
         self.tokens_per_step = t.global_batch_size * t.seq_len
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over the global batch; returns (loss, grad_norm before clipping)."""
+    def train_step(self) -> tuple[float, float, dict[str, Any]]:
+        """One optimizer step over the global batch; returns (loss, grad_norm before clipping, the
+        metrics of `after_update`)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         batches = [next(self.batches) for _ in range(self.accum_steps)]
@@ -96,7 +100,7 @@ class Trainer:
         check_finite_step(self.state.step + 1, loss_value, norm_value)
         self.optimizer.step()
         self.scheduler.step()
-        return loss_value, norm_value
+        return loss_value, norm_value, self.after_update()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -120,13 +124,14 @@ class Trainer:
             do_log = do_eval or last or step % cfg.logging.log_interval == 0
             counter = self.par.comm_counter() if do_log and self.par.comm_counter else None
             with counter or nullcontext():
-                loss, grad_norm = self.train_step()
+                loss, grad_norm, extra = self.train_step()
             state.step = step
             state.tokens += self.tokens_per_step
             self.metrics.advance(state.step)
             if do_log:
                 record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                           **self.throughput.measure(state.tokens), "mem_gb": peak_memory_gb(self.device)}
+                record.update(extra)
                 if counter is not None:
                     record.update(counter.by_dim_gb())
                 if do_eval:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydoc_data.topics import topics
 
-from tests.helpers import (assert_curves_match, layout_metrics_matching, read_metrics, run_recipe, run_torchrun,
-                           single_process_metrics)
+from tests.helpers import (assert_curves_match, assert_exactly_once, layout_metrics_matching, read_metrics,
+                           run_recipe, run_torchrun, single_process_metrics)
 
 WORKER = str(Path(__file__).with_name("cp_attention_worker.py"))
 
@@ -95,11 +95,4 @@ def test_resume_from_cp2_on_one_process_continues_with_exactly_once_data(corpus,
     assert "parallel.cp: 2 -> 1" in proc.stdout
     assert_curves_match([r for r in read_metrics(full) if r["step"] > 3], read_metrics(resumed),
                         keys=("loss", "grad_norm", "eval_loss"))
-    ids = {}
-    for run_dir in (full, resumed):
-        for line in (run_dir / "sequence_ids.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            ids.setdefault(row["step"], []).append(row["ids"])
-    assert all(len({tuple(i) for i in batches}) == 1 for batches in ids.values())  # the same batch on both runs
-    seen = [i for step in range(1, 7) for i in ids[step][-1]]
-    assert len(seen) == len(set(seen)) == 6 * 8
+    assert_exactly_once([full, resumed], steps=6, global_batch=8)

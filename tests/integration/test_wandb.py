@@ -99,3 +99,21 @@ def test_offline_run_history_config_and_resume(tmp_path):
     rows = history(records)
     assert [row["_step"] for row in rows] == [15]
     assert rows[0]["loss"] == metrics[-1]["loss"]
+
+
+def test_moe_metrics_and_per_layer_load_histograms(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*FAST, "model=moe_debug", "training.steps=2", "logging.log_interval=1", "eval.interval=0",
+            "checkpoint.enabled=false", "logging.wandb.enabled=true", "logging.wandb.mode=offline", f"run.dir={run_dir}"]
+    proc = run_recipe("recipes.pretrain", args, timeout=180, env=wandb_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    metrics = read_metrics(run_dir)
+    (log,) = run_dir.glob("wandb/*run-*/run-*.wandb")
+    rows = history(read_records(log))
+    assert [row["moe/load_max_mean"] for row in rows] == [r["moe/load_max_mean"] for r in metrics]
+    assert [row["moe/tokens_dropped"] for row in rows] == [0, 0]
+    for row, record in zip(rows, metrics):
+        for layer, loads in record["moe/expert_load"].items():  # layer -> load per expert, as a bar histogram
+            key = f"moe/expert_load/layer_{layer}"  # nested keys come back joined with dots
+            assert row[f"{key}._type"] == "histogram" and row[f"{key}.values"] == loads
+            assert row[f"{key}.bins"] == list(range(len(loads) + 1))

@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
     (dict(dp_replicate=0, dp_shard=-1, tp=1, pp=1, world_size=2), "parallel.dp_replicate"),
     (dict(dp_replicate=1, dp_shard=-1, tp=0, pp=1, world_size=2), "parallel.tp"),
     (dict(dp_replicate=1, dp_shard=-1, tp=1, pp=-1, world_size=2), "parallel.pp"),
+    (dict(dp_replicate=1, dp_shard=-1, tp=1, pp=1, world_size=4, ep=3), "parallel.ep"),  # ep must divide dp_shard
+    (dict(dp_replicate=2, dp_shard=-1, tp=1, pp=1, world_size=4, ep=4), "parallel.ep"),  # not dp_replicate
+    (dict(dp_replicate=1, dp_shard=-1, tp=2, pp=1, world_size=4, ep=4), "parallel.ep"),  # nor tp
 ])
 def test_parallel_dims_errors_name_the_key(kwargs, key):
     with pytest.raises(LayoutError) as info:
@@ -103,6 +106,13 @@ def test_non_positive_values_are_refused(key, value):
     (dict(training__global_batch_size=16, training__micro_batch_size=3), 2, 2, "training.micro_batch_size"),
     (dict(training__global_batch_size=16, training__micro_batch_size=16), 2, 4, "training.micro_batch_size"),
     (dict(), 1, 0, "world_size"),
+    (dict(model__moe__top_k=4), 1, 1, "model.moe.top_k"),  # an MoE key on a dense model
+    (dict(parallel__ep=2, training__micro_batch_size=2), 2, 2, "parallel.ep"),  # expert parallel on a dense model
+    (dict(model__moe__n_experts=8, model__moe__top_k=9), 1, 1, "model.moe.top_k"),
+    (dict(model__moe__n_experts=6, parallel__ep=4, training__micro_batch_size=2), 4, 4, "parallel.ep"),
+    (dict(model__moe__n_experts=8, model__moe__score="relu"), 1, 1, "model.moe.score"),
+    (dict(model__moe__n_experts=8, model__moe__first_dense=2), 1, 1, "model.moe.first_dense"),
+    (dict(model__moe__n_experts=8, model__moe__hidden_dim=0), 1, 1, "model.moe.hidden_dim"),
 ])
 def test_validation_errors_name_the_key(changes, dp_size, world_size, key):
     cfg = cfg_with(**changes)
@@ -137,6 +147,8 @@ CLI_CASES = {
     "heads": (["model.n_heads=5"], "model.n_heads"),
     "data-path": (["data=text", "data.path=/nonexistent"], "data.path"),
     "resume-path": (["checkpoint.resume=/nonexistent/step-3"], "checkpoint.resume"),
+    "moe-key-on-dense": (["model.moe.top_k=4"], "model.moe.top_k"),
+    "ep-over-ranks": (["model=moe_debug", "parallel.ep=2"], "parallel.ep"),
 }
 
 

@@ -32,7 +32,7 @@ def test_no_query_attends_across_a_document_boundary():
     model = build_model(cfg)
     model.to_empty(device="cpu")
     init_weights(model, cfg, seed=3)
-    model.reset_rope()
+    model.reset_buffers()
     tokens = torch.tensor([[1, 2, 3, EOT, 4, 5, 6, 7]])
     altered = tokens.clone()
     altered[0, :3] = torch.tensor([8, 7, 6])  # only the first document changes

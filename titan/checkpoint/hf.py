@@ -1,6 +1,7 @@
-"""Hugging Face Llama folders in and out: `config.json`, `model.safetensors` (sharded with an index
-when large) and tokenizer files. Our rotary embeddings already use HF's rotate-half layout, so the
-weights map one to one by name, with no permutation."""
+"""Hugging Face folders in and out: `config.json`, `model.safetensors` (sharded with an index
+when large) and tokenizer files. A dense model is a Llama; a mixture of experts a Glm4Moe or
+Mixtral (see :mod:`titan.checkpoint.hf_moe`). Our rotary embeddings already use HF's rotate-half
+layout, so the weights map one to one by name, with no permutation (experts split per expert)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from parallel.tensors import copy_full_into, local_device
+from titan.checkpoint.hf_moe import MOE_TYPES, moe_from_hf, moe_hf_config, moe_model_keys, moe_shape_diff, moe_to_hf
 from titan.config import ConfigError, ModelConfig
 
 LAYER_NAMES = {
@@ -28,6 +30,7 @@ TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight"
              "output.weight": "lm_head.weight"}
 EOT_TOKEN = "<|endoftext|>"
 INDEX = "model.safetensors.index.json"
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "tie_embeddings")
 
 
 def to_hf_name(name: str) -> str:
@@ -47,31 +50,43 @@ def from_hf_name(name: str) -> str:
 
 
 def hf_config(cfg: ModelConfig, eot_id: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden_dim, "num_hidden_layers": cfg.n_layers,
+    """config.json: a Llama's, or the MoE class's that computes this mixture of experts (a
+    ConfigError names the key when none does)."""
+    common = {
+        "hidden_act": "silu", "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.dim // cfg.n_heads,
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-        "mlp_bias": False, "initializer_range": cfg.init_std, "bos_token_id": eot_id, "eos_token_id": eot_id,
-        "torch_dtype": "float32",
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std, "bos_token_id": eot_id,
+        "eos_token_id": eot_id, "torch_dtype": "float32",
     }
+    if cfg.moe.n_experts:
+        return {**moe_hf_config(cfg), **common}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+            "intermediate_size": cfg.ffn_hidden_dim, "rope_theta": cfg.rope_theta, "attention_bias": False,
+            "mlp_bias": False}
 
 
 def model_config_from_hf(config: dict, name: str) -> dict:
-    """Our model keys from an HF Llama config.json."""
+    """Our model keys from an HF config.json (None: a key the folder does not have)."""
     return {"name": name, "dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
             "n_heads": config["num_attention_heads"],
             "n_kv_heads": config.get("num_key_value_heads", config["num_attention_heads"]),
             "vocab_size": config["vocab_size"], "ffn_hidden_dim": config["intermediate_size"],
             "norm_eps": config.get("rms_norm_eps", 1e-5), "rope_theta": config.get("rope_theta", 10000.0),
             "max_seq_len": config.get("max_position_embeddings", 2048),
-            "tie_embeddings": config.get("tie_word_embeddings", False)}
+            "tie_embeddings": config.get("tie_word_embeddings", False), **moe_model_keys(config)}
 
 
-def save_hf_weights(state: dict[str, torch.Tensor], out: Path, tied: bool, max_shard_bytes: int) -> None:
-    """Write our state dict as HF safetensors, sharded with an index past `max_shard_bytes`."""
-    tensors = {to_hf_name(k): v.contiguous() for k, v in state.items() if not (tied and k == "output.weight")}
+def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our full state dict under HF names (MoE layers per expert); a tied output is left out."""
+    tensors = {to_hf_name(k): v for k, v in state.items()
+               if ".moe." not in k and not (cfg.tie_embeddings and k == "output.weight")}
+    return {**tensors, **moe_to_hf(state, cfg)} if cfg.moe.n_experts else tensors
+
+
+def save_hf_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    """Write HF-named tensors as safetensors, sharded with an index past `max_shard_bytes`."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -97,10 +112,12 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Our names -> full tensors from an HF folder (single file or sharded with an index)."""
     index = folder / INDEX
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update({from_hf_name(k): v for k, v in load_file(str(folder / file)).items()})
-    return state
+        tensors.update(load_file(str(folder / file)))
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    state = moe_from_hf(tensors, model_type) if model_type in MOE_TYPES else {}
+    return {**{from_hf_name(k): v for k, v in tensors.items()}, **state}
 
 
 def write_byte_tokenizer(out: Path, max_len: int) -> None:
@@ -142,14 +159,15 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def check_init_from(cfg: ModelConfig) -> None:
-    """`model.init_from` must be an HF Llama folder of this model's shape."""
+    """`model.init_from` must be an HF folder (Llama; Glm4Moe or Mixtral for MoE) of this model's shape."""
     folder = Path(cfg.init_from)
     if not (folder / "config.json").is_file():
         raise ConfigError("model.init_from", f"{folder} holds no config.json.", "point it at a Hugging Face Llama folder.")
-    theirs = model_config_from_hf(json.loads((folder / "config.json").read_text()), cfg.name)
-    diff = [f"{k}: {theirs[k]!r} there vs {getattr(cfg, k)!r} here" for k in
-            ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "tie_embeddings")
-            if theirs[k] != getattr(cfg, k)]
+    config = json.loads((folder / "config.json").read_text())
+    theirs = model_config_from_hf(config, cfg.name)
+    diff = [f"{k}: {theirs[k]!r} there vs {getattr(cfg, k)!r} here" for k in SHAPE_KEYS
+            if theirs[k] is not None and theirs[k] != getattr(cfg, k)]
+    diff += moe_shape_diff(config, cfg)
     if diff:
         raise ConfigError("model.init_from", f"{folder} has another shape ({'; '.join(diff)}).",
                           "set the model.* keys to its shape (see its config.json).")
@@ -157,8 +175,12 @@ def check_init_from(cfg: ModelConfig) -> None:
 
 @torch.no_grad()
 def load_pretrained(model: torch.nn.Module, folder: Path) -> None:
-    """Overwrite every parameter (plain or sharded) with the folder's weights, by global name."""
+    """Overwrite every parameter (plain or sharded) with the folder's weights, by global name, and
+    the persistent buffers the folder holds (the expert biases)."""
     state = load_hf_weights(folder)
     for name, param in model.named_parameters():
         source = state.get(name, state.get("tok_embeddings.weight") if name == "output.weight" else None)
         copy_full_into(param, source.to(device=local_device(param), dtype=param.dtype))
+    for name, buffer in model.named_buffers():
+        if name in state:
+            buffer.copy_(state[name])

@@ -11,7 +11,8 @@ from titan.checkpoint.manager import COMMIT_MARKER, CheckpointManager, committed
 from titan.checkpoint.manifest import CorruptCheckpointError
 from titan.config import CheckpointConfig, ConfigError
 
-SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "tie_embeddings")
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "tie_embeddings",
+              "moe.n_experts", "moe.hidden_dim", "moe.n_shared_experts", "moe.every", "moe.first_dense")
 # What a resume may not change: the model's shape, what the token ids mean, how the corpus is cut
 # into windows (the data cursor counts windows), and the data order's seed (unless asked for).
 FIXED_KEYS = (*(f"model.{k}" for k in SHAPE_KEYS), "data.source", "data.tokenizer", "data.eot_token",

@@ -16,14 +16,16 @@ import torch
 from parallel.tensors import copy_full_into, local_device, tie_parameters
 from titan.config import ModelConfig
 from titan.models.llama import Llama
+from titan.models.moe import MoETransformer
 
-RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight")
+RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight", "moe.experts.w2", "moe.shared.w2.weight")
 
 
 def build_model(cfg: ModelConfig) -> Llama:
-    """Build the model on the meta device: no memory, no values yet."""
+    """Build the model on the meta device: no memory, no values yet. A dense Llama, or its
+    mixture-of-experts variant when `model.moe.n_experts` > 0."""
     with torch.device("meta"):
-        return Llama(cfg)
+        return MoETransformer(cfg) if cfg.moe.n_experts else Llama(cfg)
 
 
 def name_seed(seed: int, name: str) -> int:
@@ -43,7 +45,7 @@ def init_std(cfg: ModelConfig, name: str) -> float | None:
 
 @torch.no_grad()
 def init_weights(model: Llama, cfg: ModelConfig, seed: int) -> None:
-    """Fill every parameter from (seed, name) and recompute non-persistent buffers."""
+    """Fill every parameter from (seed, name) and reset the buffers (rotary tables, expert biases)."""
     tie_parameters(model, model.plan().tied)  # to_empty unties shared tensors unless FSDP holds them
     for name, param in model.named_parameters():
         std = init_std(cfg, name)
@@ -55,5 +57,5 @@ def init_weights(model: Llama, cfg: ModelConfig, seed: int) -> None:
             full = torch.empty(param.shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=generator)
         copy_full_into(param, full.to(param.dtype))
     for module in model.modules():
-        if hasattr(module, "reset_rope"):
-            module.reset_rope()
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()

@@ -139,10 +139,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
 
+    @property
+    def mlp(self) -> nn.Module:
+        """The feed-forward part (an MoE layer in a mixture-of-experts block)."""
+        return self.feed_forward
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, positions, documents)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return x + self.mlp(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
@@ -153,7 +158,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): self.make_block(cfg, i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -162,7 +167,11 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def reset_rope(self) -> None:
+    def make_block(self, cfg: ModelConfig, index: int) -> nn.Module:
+        """Block number `index` (all alike here; a mixture-of-experts model makes some sparse)."""
+        return TransformerBlock(cfg)
+
+    def reset_buffers(self) -> None:
         """Recompute the rotary tables in place (after materializing from the meta device)."""
         cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
                                device=self.rope_cos.device)
@@ -205,11 +214,14 @@ def linear_param_count(model: nn.Module) -> int:
     return total
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token: 6 x matmul parameters + 12 x layers x dim x seq_len (attention
-    scores and values, forward + backward, counted as a full square as matmul counters do)."""
+def flops_per_token(cfg: ModelConfig, seq_len: int, mlp_params: int | None = None) -> int:
+    """Training FLOPs per token: 6 x matmul parameters a token goes through + 12 x layers x dim x
+    seq_len (attention scores and values, forward + backward, counted as a full square as matmul
+    counters do). `mlp_params`: the feed-forward parameters a token uses over all layers (a
+    mixture of experts passes its active ones); dense SwiGLUs by default."""
     head_dim = cfg.dim // cfg.n_heads
     attn = cfg.dim * cfg.n_heads * head_dim + 2 * cfg.dim * cfg.n_kv_heads * head_dim + cfg.n_heads * head_dim * cfg.dim
-    mlp = 3 * cfg.dim * cfg.ffn_hidden_dim
-    matmul_params = cfg.n_layers * (attn + mlp) + cfg.dim * cfg.vocab_size
+    if mlp_params is None:
+        mlp_params = cfg.n_layers * 3 * cfg.dim * cfg.ffn_hidden_dim
+    matmul_params = cfg.n_layers * attn + mlp_params + cfg.dim * cfg.vocab_size
     return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
