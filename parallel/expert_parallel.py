@@ -48,11 +48,13 @@ class _Dispatch:
         rank_of_block[expert_major_block] = torch.arange(expert_major_block.numel(), device=counts.device)
         self.order = torch.argsort(rank_of_block[block_of_row], stable=True)
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+    def to_experts(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (grouped by global expert) -> the rows of its local experts (grouped by expert)."""
         received = all_to_all_single_autograd(rows, self.recv_splits, self.send_splits, self.group)
         return received[self.order]
 
-    def backward(self, rows: torch.Tensor) -> torch.Tensor:
+    def from_experts(self, rows: torch.Tensor) -> torch.Tensor:
+        """The local experts' outputs -> the outputs of this rank's rows, in their order."""
         restore = torch.empty_like(self.order)
         restore[self.order] = torch.arange(self.order.numel(), device=self.order.device)
         return all_to_all_single_autograd(rows[restore], self.send_splits, self.recv_splits, self.group)
@@ -82,13 +84,13 @@ def _shard_experts(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
 def _dispatch_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
     rows, counts = inputs
     module._ep_dispatch = _Dispatch(mesh.get_group(), counts)
-    rows = _ScaleGradient.apply(module._ep_dispatch.forward(rows), float(mesh.size()))
+    rows = _ScaleGradient.apply(module._ep_dispatch.to_experts(rows), float(mesh.size()))
     return rows, module._ep_dispatch.local_counts
 
 
 def _combine_outputs(module: nn.Module, outputs: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     dispatch, module._ep_dispatch = module._ep_dispatch, None
-    return dispatch.backward(_ScaleGradient.apply(outputs, 1.0 / mesh.size()))
+    return dispatch.from_experts(_ScaleGradient.apply(outputs, 1.0 / mesh.size()))
 
 
 def check_ep_degree(n_experts: int, ep: int) -> None:

@@ -18,7 +18,8 @@ from parallel.mesh import init_process_group, read_env, run_main
 from parallel.tensors import all_finite
 from recipes.cli import config_errors, parse_args
 from titan.checkpoint import CheckpointManager
-from titan.checkpoint.resume import config_changes, describe_changes, load_newest_intact, resume_candidates
+from titan.checkpoint.resume import (config_changes, describe_changes, load_newest_intact, restore_train_state,
+                                     resume_candidates)
 from titan.config import ConfigError, PretrainConfig, register_schemas, validate
 from titan.data.checks import check_source, check_windows
 from titan.data.loader import DataBundle, eval_batches, load_data, train_loader
@@ -36,8 +37,13 @@ from titan.metrics import (
 from titan.build import build_layout, build_parallel_model, check_layout, report_mesh, resolve_dims
 from titan.models import flops_per_token
 from titan.errors import NonFiniteStepError
+from titan.events import EventLog
+from titan.faults import FaultInjection, check_faults
+from titan.health import HealthPolicy
+from titan.rollback import Rollback
+from titan.step_timing import StepTiming
 from titan.expert_balance import ExpertBalance
-from titan.optim import apply_settings, build_optimizer, build_scheduler
+from titan.optim import build_optimizer, build_scheduler
 from titan.preemption import PreemptionWatch
 from titan.run_dir import RunDirLock, check_writable
 from titan.trainer import Trainer, TrainState
@@ -65,6 +71,7 @@ def main(argv: list[str]) -> None:
         dims = resolve_dims(cfg, env)
         validate(cfg, env.world_size, dims.dp_size)
         check_layout(cfg, dims, env.device)
+        check_faults(cfg.debug, cfg.training.steps, env.world_size)
         check_data(cfg)
         if env.is_writer and cfg.logging.wandb.enabled:
             check_wandb(cfg)
@@ -86,18 +93,20 @@ def main(argv: list[str]) -> None:
     loader = train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size, cfg.checkpoint.new_data_seed)
 
     state, wandb_id = TrainState(), None
+    health = HealthPolicy(cfg.training.health)
+    events = EventLog(run_dir, env.is_writer)
     config_now = OmegaConf.to_container(raw)
     with config_errors():  # a corrupt or incompatible checkpoint ends the run here, before any training
         resumed = load_newest_intact(candidates, cfg.checkpoint.on_corrupt, config_now, model, optimizer, log,
                                      cfg.checkpoint.new_data_seed)
-    if resumed is not None:
+    if resumed is None:
+        events.write("start", 0, world_size=env.world_size)
+    else:
         resume_from, saved = resumed
-        state = TrainState(step=saved["step"], tokens=saved["tokens"])
-        apply_settings(optimizer, cfg.optim)  # this run's hyper-parameters, not the checkpoint's
-        loader.load_state_dict(saved["data"])
-        torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
+        state = TrainState(*restore_train_state(saved, optimizer, cfg.optim, loader, health))
         wandb_id = saved.get("wandb_run_id")
         log(f"resumed from {resume_from} at step {state.step}")
+        events.write("resume", state.step, **{"from": str(resume_from), "world_size": env.world_size})
         changes = config_changes(saved["config"], config_now)
         if changes:
             log(f"settings that differ from the checkpoint's, in effect from step {state.step + 1}: "
@@ -106,7 +115,7 @@ def main(argv: list[str]) -> None:
             log(f"run already complete at step {state.step} (training.steps={cfg.training.steps}); "
                 f"raise training.steps to go on. Outputs: {run_dir}")
             return
-    scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps, state.step)
+    scheduler = build_scheduler(optimizer, cfg.lr, cfg.training.steps, state.step - state.skipped)
 
     metrics = MetricsLogger()
     if env.is_writer:
@@ -121,7 +130,7 @@ def main(argv: list[str]) -> None:
                                      "so its checkpoint was not written. Fix: lower optim.lr (or raise "
                                      "lr.warmup_steps, or set training.grad_clip), then rerun the same command: it "
                                      "resumes from the newest committed checkpoint with the new settings.")
-        train_state = {"step": s.step, "tokens": s.tokens, "scheduler": scheduler.state_dict(),
+        train_state = {"step": s.step, "tokens": s.tokens, "skipped": s.skipped, "health": health.state_dict(),
                        "data": loader.state_dict(), "wandb_run_id": wandb_id,
                        "rng": torch.get_rng_state().tolist(), "config": config_now}
         manager.save(s.step, model, optimizer, train_state)
@@ -129,7 +138,9 @@ def main(argv: list[str]) -> None:
     def on_step_end(s: TrainState) -> bool:
         manager.poll()
         stopping = stop.requested()
-        if cfg.checkpoint.enabled and (stopping or (cfg.checkpoint.interval and s.step % cfg.checkpoint.interval == 0)):
+        # No periodic save inside a run of bad steps: a rollback goes back to before it.
+        periodic = cfg.checkpoint.interval and s.step % cfg.checkpoint.interval == 0 and not health.consecutive
+        if cfg.checkpoint.enabled and (stopping or periodic):
             save(s)
         if stopping:
             how = "stopped (Ctrl-C)" if stop.exit_code else "preempted (SIGTERM)"
@@ -139,10 +150,15 @@ def main(argv: list[str]) -> None:
 
     on_batches = SequenceIdLog(run_dir, par.dp_group, env.is_writer) if cfg.logging.sequence_ids else None
     balance = ExpertBalance(model, cfg.model, par.global_sum) if cfg.model.moe.n_experts else None
+    faults = FaultInjection(cfg.debug, env.rank)
+    timing = StepTiming(run_dir, cfg.training.health, device, env.is_writer, events, log)
+    rollback = Rollback(cfg, manager, model, optimizer, loader, health, config_now, metrics, events, run_dir,
+                        env.is_writer, log)
     trainer = Trainer(cfg, model, optimizer, scheduler, iter(loader),
                       lambda: eval_batches(data, cfg.training, layout.dp_rank, dims.dp_size, cfg.eval.steps), par,
-                      device, metrics, throughput, state, on_step_end, on_batches,
-                      balance.after_step if balance else dict)
+                      device, metrics, throughput, state, health, rollback, on_step_end, on_batches,
+                      balance.after_step if balance else (lambda applied: {}), step_hooks=[faults, timing],
+                      metric_sources=[timing], faults=faults)
     stop.start_training()
     with config_errors():  # a non-finite step or a failed save: one paragraph, its own exit code
         try:
@@ -153,9 +169,11 @@ def main(argv: list[str]) -> None:
             manager.close()
         except NonFiniteStepError:
             manager.close()  # a save of an earlier, finite step still in flight is finished and committed
+            events.write("failed", trainer.state.step, reason="non-finite steps")
             raise
         finally:
             metrics.close()
+    events.write("stopped" if stop.received is not None else "done", state.step, tokens=state.tokens, skipped=state.skipped)
     log(f"done: {state.step} steps, {state.tokens} tokens. Outputs in {run_dir}: config.yaml, metrics.jsonl"
         + (", checkpoints/" if cfg.checkpoint.enabled else "") + (", wandb/" if cfg.logging.wandb.enabled else ""))
     del lock  # held to here: released when this process ends
@@ -212,7 +230,7 @@ def writer_sinks(cfg: PretrainConfig, raw, run_dir: Path, state: TrainState, res
     if not resumed or not (run_dir / "config.yaml").exists():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw))
     if resumed:  # rows a crashed attempt wrote past the checkpoint are replaced by the rerun
-        for name in ("metrics.jsonl", "sequence_ids.jsonl"):
+        for name in ("metrics.jsonl", "sequence_ids.jsonl", "ranks.jsonl"):
             truncate_after_step(run_dir / name, state.step)
     sinks = [JsonlSink(run_dir / "metrics.jsonl", append=resumed),
              ConsoleSink(cfg.training.steps, state.step, cfg.logging.progress_bar)]

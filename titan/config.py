@@ -77,6 +77,21 @@ class DataConfig:
     verify_checksums: bool = False  # data=tokens: also check each shard's CRC-32 (reads every shard; sizes always are)
     document_mask: bool = False  # packed documents do not attend to each other (block-causal attention at end-of-text tokens)
     reset_positions: bool = False  # with document_mask: rotary positions restart at 0 in every document
+    skip_ranges: List[List[int]] = field(default_factory=list)  # [[start, end], ...]: global sequence positions never trained on (end excluded)
+
+
+@dataclass
+class HealthConfig:
+    """What a long run does about bad steps, slow ranks and hangs."""
+
+    policy: str = "skip"  # skip: bad steps are skipped, rolled back after max_consecutive_skips | fail: stop (exit 5)
+    spike_sigmas: float = 6.0  # a loss or grad norm this many standard deviations above the recent steps is a spike; 0 = off
+    spike_window: int = 128  # recent applied steps the spike test compares with
+    spike_min_steps: int = 64  # no spike test before the window holds this many steps (early steps vary a lot)
+    max_consecutive_skips: int = 3  # skipped steps in a row that roll the run back to its newest checkpoint
+    straggler_factor: float = 1.5  # a rank whose step compute time is this many times the median ...
+    straggler_patience: int = 3  # ... on this many logged steps in a row is named as a straggler
+    hang_factor: float = 10.0  # dump every thread's stack when a step runs this many times the median step time; 0 = off
 
 
 @dataclass
@@ -94,6 +109,7 @@ class TrainingConfig:
     activation_checkpoint: str = "none"  # none | full | selective (every activation_checkpoint_every-th block)
     activation_checkpoint_every: int = 2  # selective: checkpoint every N-th block
     compile: bool = False  # torch.compile each block
+    health: HealthConfig = field(default_factory=HealthConfig)  # spikes and NaNs, stragglers, hangs
 
 
 @dataclass
@@ -170,6 +186,24 @@ class LoggingConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: List[int] = field(default_factory=list)  # [first, last]: trace these steps with torch.profiler into <run.dir>/profile/; empty = off
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection, to try the health policies (off by default)."""
+
+    nan_steps: List[int] = field(default_factory=list)  # steps whose loss and gradients are made NaN (every rank)
+    spike_steps: List[int] = field(default_factory=list)  # steps whose loss and gradients are multiplied by spike_factor
+    spike_factor: float = 1000.0  # the size of an injected spike
+    slow_rank: int = -1  # a rank whose steps compute slow_factor times as long; -1 = none
+    slow_factor: float = 3.0  # how much slower slow_rank computes
+    hang_rank: int = -1  # a rank that stops answering at hang_step (sleeps forever); -1 = none
+    hang_step: int = 1  # the step at which hang_rank stops answering
+
+
+@dataclass
 class RunConfig:
     name: str = "run"  # the run's name (console, W&B)
     dir: str = "runs/run"  # the run's folder: config, metrics, checkpoints; one for all ranks
@@ -186,6 +220,8 @@ class PretrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout: FSDP, HSDP, TP, PP degrees
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, keeping and resuming
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # console, metrics.jsonl and W&B
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler traces of chosen steps
+    debug: DebugConfig = field(default_factory=DebugConfig)  # fault injection for trying the health policies
     run: RunConfig = field(default_factory=RunConfig)  # the run's name and folder
 
 
@@ -268,6 +304,26 @@ def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
     if world_size < 1:
         raise ConfigError("world_size", f"invalid world size {world_size}.", "launch with torchrun.")
     validate_moe(cfg)
+    validate_health(cfg)
+
+
+def validate_health(cfg: PretrainConfig) -> None:
+    """`training.health.*` and `data.skip_ranges`."""
+    h = cfg.training.health
+    _one_of("training.health.policy", h.policy, ("skip", "fail"))
+    for key in ("spike_window", "max_consecutive_skips", "straggler_patience"):
+        _positive(f"training.health.{key}", getattr(h, key))
+    for key in ("spike_sigmas", "spike_min_steps", "hang_factor"):
+        if getattr(h, key) < 0:
+            raise ConfigError(f"training.health.{key}", f"must be >= 0, got {getattr(h, key)}.",
+                              f"set training.health.{key}=0 (off) or more.")
+    if h.straggler_factor <= 1:
+        raise ConfigError("training.health.straggler_factor", f"must be > 1, got {h.straggler_factor}.",
+                          "set it to e.g. 1.5 (a rank 50% slower than the others' median).")
+    for pair in cfg.data.skip_ranges:
+        if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
+            raise ConfigError("data.skip_ranges", f"{list(pair)} is not a range [start, end] with 0 <= start < end.",
+                              "give global sequence positions as [[start, end], ...] (end excluded).")
 
 
 def validate_moe(cfg: PretrainConfig) -> None:

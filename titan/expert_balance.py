@@ -36,8 +36,9 @@ class ExpertBalance:
                 self.local[int(match.group(1))] = module
 
     @torch.no_grad()
-    def after_step(self) -> dict[str, Any]:
-        """Reduce the step's statistics, update the biases, clear the counters; the step's metrics."""
+    def after_step(self, applied: bool = True) -> dict[str, Any]:
+        """Reduce the step's statistics, update the biases (unless the step was not `applied`), clear
+        the counters; the step's metrics."""
         device = next(iter(self.local.values())).load.device if self.local else torch.device("cpu")
         table = torch.zeros(len(self.layer_ids), self.n_experts + 5, dtype=torch.float64, device=device)
         for row, layer_id in enumerate(self.layer_ids):
@@ -49,7 +50,7 @@ class ExpertBalance:
         table = self.global_sum(table)
         load, tokens, sequences, balance, z_loss, processed = table[:, :self.n_experts], *table[:, self.n_experts:].T
         mean = load.mean(dim=1, keepdim=True)
-        if self.rate:
+        if self.rate and applied:
             for row, layer_id in enumerate(self.layer_ids):
                 layer = self.local.get(layer_id)
                 if layer is not None:

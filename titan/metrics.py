@@ -88,7 +88,14 @@ class JsonlSink:
     """One JSON object per logged step in `<run.dir>/metrics.jsonl`."""
 
     def __init__(self, path: Path, append: bool):
+        self.path = path
         self.file = path.open("a" if append else "w", encoding="utf-8")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the lines past `step` (a rollback) and go on appending."""
+        self.file.close()
+        truncate_after_step(self.path, step)
+        self.file = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any]) -> None:
         try:
@@ -157,6 +164,8 @@ class ConsoleSink:
     def format(metrics: dict[str, Any]) -> str:
         parts = [f"step {metrics['step']}"]
         parts += [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in ConsoleSink.FIELDS if key in metrics]
+        if metrics.get("skipped"):
+            parts.append(f"SKIPPED: {metrics['skip_reason']}")
         return " | ".join(parts)
 
     def advance(self, step: int) -> None:
@@ -226,6 +235,10 @@ class WandbSink:
 
     def log(self, metrics: dict[str, Any]) -> None:
         self._guarded(lambda: self.run.log(wandb_values(metrics), step=metrics["step"]))
+        for title, key in (("step skipped", "skip_reason"), ("straggler", "straggler")):
+            if key in metrics:
+                self._guarded(lambda: self.run.alert(title=title, text=f"step {metrics['step']}: {metrics[key]}",
+                                                     level="WARN"))
 
     def close(self) -> None:
         self._guarded(self.run.finish)
@@ -237,7 +250,7 @@ def wandb_values(metrics: dict[str, Any]) -> dict[str, Any]:
     over the expert index)."""
     import wandb
 
-    values = {k: v for k, v in metrics.items() if k not in ("step", "moe/expert_load")}
+    values = {k: v for k, v in metrics.items() if k not in ("step", "moe/expert_load", "skip_reason", "straggler")}
     for layer, loads in metrics.get("moe/expert_load", {}).items():
         edges = [float(e) for e in range(len(loads) + 1)]
         values[f"moe/expert_load/layer_{layer}"] = wandb.Histogram(np_histogram=(loads, edges))
@@ -258,6 +271,12 @@ class MetricsLogger:
     def log(self, metrics: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink.log(metrics)
+
+    def truncate_after(self, step: int) -> None:
+        """The files' records past `step` go (a rollback replays those steps)."""
+        for sink in self.sinks:
+            if isinstance(sink, JsonlSink):
+                sink.truncate_after(step)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,9 +18,27 @@ from torch import nn
 
 from parallel.comm_stats import CommCounter
 from titan.config import PretrainConfig
-from titan.errors import NonFiniteStepError
+from titan.faults import FaultInjection
+from titan.health import HealthPolicy
 from titan.metrics import MetricsLogger, ThroughputMeter, peak_memory_gb
 from titan.runners import StepRunner
+
+
+class StepHook(Protocol):
+    """Told when each training step starts and ends (profiler, hang watchdog, timing)."""
+
+    def begin(self, step: int) -> None: ...
+
+    def end(self, step: int) -> None: ...
+
+
+class MetricSource(Protocol):
+    """Adds to the record of each logged step (called on every rank: it may be collective)."""
+
+    def metrics(self, step: int) -> dict[str, Any]: ...
+
+
+Rollback = Callable[["TrainState"], tuple["TrainState", torch.optim.lr_scheduler.LRScheduler, Iterator[dict]]]
 
 
 @dataclass
@@ -29,6 +47,7 @@ class TrainState:
 
     step: int = 0
     tokens: int = 0
+    skipped: int = 0  # steps not applied (health policy); the LR schedule stands at step - skipped
 
 
 @dataclass
@@ -53,54 +72,52 @@ class ParallelContext:
         return value
 
 
-def check_finite_step(step: int, loss: float, grad_norm: float) -> None:
-    """Stop before the optimizer applies a step whose loss or gradient norm is NaN or infinite (both
-    are global values, the same on every rank, so every rank stops at the same step)."""
-    bad = [f"{name} is {value}" for name, value in (("the loss", loss), ("the gradient norm", grad_norm))
-           if not math.isfinite(value)]
-    if bad:
-        raise NonFiniteStepError(
-            f"step {step}: {' and '.join(bad)} (loss {loss:.4g}, gradient norm {grad_norm:.4g}). The update was "
-            "not applied and no checkpoint of this step was written. Fix: lower optim.lr (or raise "
-            "lr.warmup_steps, or set training.grad_clip), check the data, then rerun the same command: it "
-            "resumes from the newest committed checkpoint with the new settings.")
-
-
 class Trainer:
     def __init__(self, cfg: PretrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterator[dict],
                  eval_batches: Callable[[], Iterator[dict]], par: ParallelContext, device: torch.device,
                  metrics: MetricsLogger, throughput: ThroughputMeter, state: TrainState,
+                 health: HealthPolicy, rollback: Rollback,
                  on_step_end: Callable[[TrainState], bool] = lambda state: False,
                  on_batches: Callable[[int, list[dict]], None] | None = None,
-                 after_update: Callable[[], dict[str, Any]] = dict):
-        """`after_update` runs after every optimizer step (e.g. the expert-bias update) and returns
-        metrics for the step's record."""
+                 after_update: Callable[[bool], dict[str, Any]] = lambda applied: {},
+                 step_hooks: Sequence[StepHook] = (), metric_sources: Sequence[MetricSource] = (),
+                 faults: FaultInjection | None = None):
+        """`health` judges each step; `rollback` restores the newest checkpoint past bad data and
+        returns the state, LR schedule and batches to go on with. `after_update(applied)` runs after
+        every step (e.g. the expert-bias update) and returns metrics for the step's record;
+        `step_hooks` hear each step's start and end; `metric_sources` add to logged records."""
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.batches, self.eval_batches, self.par, self.device = batches, eval_batches, par, device
         self.metrics, self.throughput = metrics, throughput
         self.state, self.on_step_end, self.on_batches, self.after_update = state, on_step_end, on_batches, after_update
+        self.step_hooks, self.metric_sources, self.health, self.rollback = step_hooks, metric_sources, health, rollback
+        self.faults = faults
         t = cfg.training
         self.accum_steps = t.global_batch_size // par.dp_size // t.micro_batch_size
         self.tokens_per_step = t.global_batch_size * t.seq_len
 
-    def train_step(self) -> tuple[float, float, dict[str, Any]]:
-        """One optimizer step over the global batch; returns (loss, grad_norm before clipping, the
-        metrics of `after_update`)."""
+    def train_step(self) -> tuple[float, float, str | None, dict[str, Any]]:
+        """One step over the global batch, applied unless the health policy skips it; returns (loss,
+        grad_norm before clipping, why it was skipped or None, the metrics of `after_update`)."""
+        step = self.state.step + 1
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         batches = [next(self.batches) for _ in range(self.accum_steps)]
         if self.on_batches is not None:
-            self.on_batches(self.state.step + 1, batches)
+            self.on_batches(step, batches)
         loss = self.par.global_sum(self.par.runner.train(batches))
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else math.inf
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.faults is not None:
+            loss = self.faults.after_backward(step, loss, [p.grad for p in params])
         grad_norm = self.par.clip_grad_norm(params, max_norm)
         loss_value, norm_value = loss.item(), float(grad_norm)
-        check_finite_step(self.state.step + 1, loss_value, norm_value)
-        self.optimizer.step()
-        self.scheduler.step()
-        return loss_value, norm_value, self.after_update()
+        skipped = self.health.judge(step, loss_value, norm_value)
+        if skipped is None:
+            self.optimizer.step()
+            self.scheduler.step()
+        return loss_value, norm_value, skipped, self.after_update(skipped is None)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -123,21 +140,36 @@ class Trainer:
             do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last)
             do_log = do_eval or last or step % cfg.logging.log_interval == 0
             counter = self.par.comm_counter() if do_log and self.par.comm_counter else None
+            for hook in self.step_hooks:
+                hook.begin(step)
             with counter or nullcontext():
-                loss, grad_norm, extra = self.train_step()
+                loss, grad_norm, skipped, extra = self.train_step()
+            for hook in self.step_hooks:
+                hook.end(step)
             state.step = step
             state.tokens += self.tokens_per_step
+            state.skipped += skipped is not None
             self.metrics.advance(state.step)
-            if do_log:
+            if do_log or skipped:
                 record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-                          **self.throughput.measure(state.tokens), "mem_gb": peak_memory_gb(self.device)}
+                          **self.throughput.measure(state.tokens), "mem_gb": peak_memory_gb(self.device),
+                          "skipped_steps": state.skipped}
+                if skipped:
+                    record.update(skipped=True, skip_reason=skipped)
                 record.update(extra)
+                for source in self.metric_sources:
+                    record.update(source.metrics(state.step))
                 if counter is not None:
                     record.update(counter.by_dim_gb())
                 if do_eval:
                     record["eval_loss"] = self.evaluate()
                     self.throughput.reset(state.tokens)  # eval time is not training throughput
                 self.metrics.log(record)
+            if skipped and self.health.wants_rollback():
+                state, self.scheduler, self.batches = self.rollback(state)
+                self.state = state
+                self.throughput.reset(state.tokens)
+                continue
             if self.on_step_end(state):
                 break
         return state

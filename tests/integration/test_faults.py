@@ -108,7 +108,7 @@ def test_blown_up_step_is_never_applied_or_committed_and_new_lr_takes_effect(tmp
     common = [*QUICK, "lr.warmup_steps=0", "lr.schedule=constant", "training.grad_clip=0", "checkpoint.interval=1",
               "checkpoint.keep=20", f"run.dir={run_dir}"]
     assert run_recipe("recipes.pretrain", [*common, "training.steps=2"]).returncode == 0
-    blown = run_recipe("recipes.pretrain", [*common, "training.steps=12", "optim.lr=1e6"])
+    blown = run_recipe("recipes.pretrain", [*common, "training.steps=12", "optim.lr=1e6", "training.health.policy=fail"])
     assert blown.returncode == 5, blown.stderr[-2000:]
     assert "optim.lr: 0.003 -> 1000000.0" in blown.stdout  # the changed setting is listed and used
     assert "gradient norm is nan" in blown.stderr and "update was not applied" in blown.stderr

@@ -107,7 +107,7 @@ def test_help_training_shows_only_that_section():
     proc = run_recipe("recipes.pretrain", ["--help", "training"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     keys = {line.split()[0].rsplit(".", 1)[0] for line in proc.stdout.splitlines()[1:] if line.strip()}
-    assert keys == {"training"}
+    assert keys == {"training", "training.health"}  # its nested section comes with it
     assert _row(proc.stdout, "training.global_batch_size", "int", "16")
 
 
@@ -115,7 +115,7 @@ def test_unknown_help_section_exits_2_naming_the_sections():
     proc = run_recipe("recipes.pretrain", ["--help", "trainin"], timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert "'trainin'" in proc.stderr
-    assert "model data training optim lr eval parallel checkpoint logging run" in proc.stderr
+    assert "model data training optim lr eval parallel checkpoint logging profile debug run" in proc.stderr
 
 
 # ---------------------------------------------------------------- the other entry points

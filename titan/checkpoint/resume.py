@@ -9,7 +9,8 @@ import torch
 
 from titan.checkpoint.manager import COMMIT_MARKER, CheckpointManager, committed_steps
 from titan.checkpoint.manifest import CorruptCheckpointError
-from titan.config import CheckpointConfig, ConfigError
+from titan.config import CheckpointConfig, ConfigError, OptimConfig
+from titan.optim import apply_settings
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "tie_embeddings",
               "moe.n_experts", "moe.hidden_dim", "moe.n_shared_experts", "moe.every", "moe.first_dense")
@@ -96,3 +97,14 @@ def check_resumable(saved: dict[str, Any], now: dict[str, Any], path: Path, new_
                "of the rest of the run from the new seed")
     raise ConfigError(fixed[0][0], f"checkpoint {path} was written with other values of keys a resume cannot "
                       f"change ({describe_changes(fixed)}).", f"{fix}.")
+
+
+def restore_train_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig,
+                        loader: Any, health: Any) -> tuple[int, int, int]:
+    """Apply a loaded checkpoint's progress: this run's optimizer settings (not the checkpoint's), the
+    data cursor and skipped ranges, the RNG and the health window. Returns (step, tokens, skipped)."""
+    apply_settings(optimizer, optim_cfg)
+    loader.load_state_dict(saved["data"])
+    torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
+    health.load_state_dict(saved.get("health", {}))
+    return saved["step"], saved["tokens"], saved.get("skipped", 0)

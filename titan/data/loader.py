@@ -48,7 +48,23 @@ def train_loader(data: DataBundle, cfg: DataConfig, t: TrainingConfig, dp_rank: 
     state drawn with another seed continues from its cursor with `t.seed`)."""
     sampler = GlobalCursorSampler(len(data.train), t.global_batch_size, t.micro_batch_size, dp_rank, dp_size, t.seed,
                                   new_seed=new_seed)
+    sampler.skip_ranges(cfg.skip_ranges)
     return StatefulDataLoader(data.train, batch_sampler=sampler, num_workers=cfg.num_workers)
+
+
+SAMPLER_STATE = "_index_sampler_state"  # where StatefulDataLoader keeps its batch sampler's state
+
+
+def data_cursor(state: dict) -> int:
+    """The global position a train loader's state (`loader.state_dict()`) goes on from."""
+    return int(state[SAMPLER_STATE]["consumed"])
+
+
+def skipping(state: dict, ranges: list[list[int]]) -> dict:
+    """A train loader state that also never draws the global positions in `ranges` ([start, end))."""
+    sampler = dict(state[SAMPLER_STATE])
+    sampler["skip"] = [*sampler.get("skip", []), *ranges]
+    return {**state, SAMPLER_STATE: sampler}
 
 
 def eval_batches(data: DataBundle, t: TrainingConfig, dp_rank: int, dp_size: int, steps: int) -> Iterator[dict]:

@@ -5,11 +5,16 @@ ranks together have consumed. Each optimizer step takes the next `global_batch_s
 data-parallel rank ``r`` of ``d`` takes the ``r``-th contiguous slice of them and yields it in
 micro-batches. The state ``{seed, epoch, consumed}`` is the same on every rank, so it resumes
 exactly and can be re-sliced for another data-parallel size.
+
+Skipped ranges of global positions (``[start, end)``, from ``data.skip_ranges`` or a rollback past
+bad data) are never drawn: a step takes the next `global_batch_size` positions outside them. They
+are part of the state, so every resume and every layout honours them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import bisect
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -28,7 +33,8 @@ class GlobalCursorSampler:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = seed, shuffle
         self.new_seed = new_seed  # a loaded state with another seed keeps its cursor and takes this seed
-        self.consumed = 0  # global sequences consumed by completed steps
+        self.consumed = 0  # the global position after the last sequence of the completed steps
+        self.skip: list[tuple[int, int]] = []  # sorted, disjoint [start, end) ranges of positions never drawn
         self._cached_epoch: int | None = None
         self._order: torch.Tensor | None = None
 
@@ -50,9 +56,35 @@ class GlobalCursorSampler:
             out.append(int(self.epoch_order(epoch)[offset]))
         return out
 
+    def skip_ranges(self, ranges: Iterable[Iterable[int]]) -> None:
+        """Never draw the positions in these [start, end) ranges (merged with those skipped already)."""
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted([*self.skip, *((int(a), int(b)) for a, b in ranges)]):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            elif start < end:
+                merged.append((start, end))
+        self.skip = merged
+
+    def step_positions(self, consumed: int) -> list[int]:
+        """The global positions of the batch that starts at `consumed`: the next global_batch_size
+        positions outside the skipped ranges."""
+        positions: list[int] = []
+        pos = consumed
+        starts = [start for start, _ in self.skip]
+        while len(positions) < self.global_batch_size:
+            i = bisect.bisect_right(starts, pos) - 1
+            if i >= 0 and pos < self.skip[i][1]:
+                pos = self.skip[i][1]
+                continue
+            positions.append(pos)
+            pos += 1
+        return positions
+
     def step_indices(self, consumed: int) -> list[int]:
         """This rank's slice of the global batch that starts at `consumed`."""
-        return self.global_indices(consumed + self.dp_rank * self.local_batch_size, self.local_batch_size)
+        mine = self.step_positions(consumed)[self.dp_rank * self.local_batch_size:][:self.local_batch_size]
+        return [self.global_indices(pos, 1)[0] for pos in mine]
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
@@ -60,16 +92,18 @@ class GlobalCursorSampler:
             micro = [local[s:s + self.micro_batch_size] for s in range(0, self.local_batch_size, self.micro_batch_size)]
             # The cursor moves before the step's last micro-batch leaves, so a state taken
             # at a step boundary already counts the finished step.
-            self.consumed += self.global_batch_size
+            self.consumed = self.step_positions(self.consumed)[-1] + 1
             yield from micro
 
     def __len__(self) -> int:
         return 2**62  # endless: training length is set by training.steps
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.consumed // self.num_sequences, "consumed": self.consumed}
+        return {"seed": self.seed, "epoch": self.consumed // self.num_sequences, "consumed": self.consumed,
+                "skip": [list(r) for r in self.skip]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["seed"] != self.seed and not self.new_seed:
             raise ValueError(f"data order seed {state['seed']} != training.seed {self.seed}")
         self.consumed = int(state["consumed"])
+        self.skip_ranges(state.get("skip", []))
