@@ -68,12 +68,10 @@ import json
 import os
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,56 +245,18 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def simulate(order: dict[str, list[list]], num_stages: int, costs: dict[str, float]) -> float | None:
-    """Step time of `order` (per rank, the sequence of compute actions) with the nominal `costs`,
-    each action starting as soon as its rank is free and its inputs exist; communication is free.
-    On stage 0 (whose input needs no gradient) torch runs no I and the whole backward at W."""
-    ranks = sorted(order, key=int)
-    if not ranks or not all(order[r] for r in ranks):
+    """Step time of `order` (per rank, the sequence of compute actions) with the nominal `costs`
+    (`titan.report.replay`, the replay `recipes.report` draws a run's schedule with); None when a
+    rank ran nothing or the order deadlocks."""
+    from titan.report import replay  # here: the worker processes need no matplotlib
+
+    if not order or not all(order.values()):
         return None
-    done: dict[tuple, float] = {}
-    pos = {r: 0 for r in ranks}
-    free = {r: 0.0 for r in ranks}
-    last = num_stages - 1
-
-    def cost(stage: int, kind: str) -> float:
-        if stage == 0 and kind == "I":
-            return 0.0
-        if stage == 0 and kind == "W":
-            return costs["I"] + costs["W"]
-        return costs["B"] if kind == "B" else costs[kind]
-
-    def ready(stage: int, kind: str, mb: int) -> float | None:
-        if kind == "F":
-            deps = [(stage - 1, "F", mb)] if stage > 0 else []
-        elif kind in ("B", "I"):
-            deps = [(stage, "F", mb)] + ([] if stage == last else [(stage + 1, "bwd", mb)])
-        else:
-            deps = [(stage, "I", mb)]
-        times = []
-        for dep in deps:
-            if dep not in done:
-                return None
-            times.append(done[dep])
-        return max(times, default=0.0)
-
-    progress = True
-    while progress:
-        progress = False
-        for r in ranks:
-            while pos[r] < len(order[r]):
-                stage, kind, mb = order[r][pos[r]]
-                dep_time = ready(stage, kind, mb)
-                if dep_time is None:
-                    break
-                end = max(free[r], dep_time) + cost(stage, kind)
-                free[r] = done[(stage, kind, mb)] = end
-                if kind in ("B", "I"):
-                    done[(stage, "bwd", mb)] = end
-                pos[r] += 1
-                progress = True
-    if any(pos[r] < len(order[r]) for r in ranks):
-        return None  # the order deadlocks under these dependencies
-    return max(free.values())
+    try:
+        timed = replay({int(r): [tuple(a) for a in acts] for r, acts in order.items()}, num_stages, costs)
+    except ValueError:
+        return None
+    return max(action[4] for actions in timed for action in actions)
 
 
 def analyse(result: dict) -> dict:
@@ -375,145 +335,27 @@ def table(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# PNG: filled rectangles and a 3x5 bitmap font, written with zlib + struct.
-
-FONT = {  # 3 columns x 5 rows, row-major bits
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
-    "8": "111101111101111", "9": "111101111001111", "A": "010101111101101", "B": "110101110101110",
-    "C": "011100100100011", "D": "110101101101110", "E": "111100110100111", "F": "111100110100100",
-    "G": "011100101101011", "H": "101101111101101", "I": "111010010010111", "J": "001001001101010",
-    "K": "101101110101101", "L": "100100100100111", "M": "101111111101101", "N": "110101101101101",
-    "O": "010101101101010", "P": "110101110100100", "Q": "010101101110011", "R": "110101110101101",
-    "S": "011100010001110", "T": "111010010010010", "U": "101101101101111", "V": "101101101101010",
-    "W": "101101111111101", "X": "101101010101101", "Y": "101101010010010", "Z": "111001010100111",
-    " ": "000000000000000", ".": "000000000000010", "=": "000111000111000", "-": "000000111000000",
-    "/": "001001010100100", ":": "000010000010000", "%": "101001010100101", "(": "010100100100010",
-    ")": "010001001001010", ",": "000000000010100", "_": "000000000000111", "+": "000010111010000",
-}
+# PNG, drawn with matplotlib by titan.plots (the timeline picture `recipes.report` draws too).
 
 
-class Canvas:
-    def __init__(self, width: int, height: int, bg=(255, 255, 255)):
-        self.w, self.h = width, height
-        self.px = bytearray(bytes(bg) * (width * height))
-
-    def rect(self, x0: float, y0: float, x1: float, y1: float, color) -> None:
-        x0, y0 = max(0, int(round(x0))), max(0, int(round(y0)))
-        x1, y1 = min(self.w, int(round(x1))), min(self.h, int(round(y1)))
-        if x1 <= x0 or y1 <= y0:
-            return
-        row = bytes(color) * (x1 - x0)
-        for y in range(y0, y1):
-            i = (y * self.w + x0) * 3
-            self.px[i:i + len(row)] = row
-
-    def text(self, x: int, y: int, s: str, color=(0, 0, 0), scale: int = 2) -> int:
-        for ch in s.upper():
-            bits = FONT.get(ch, FONT[" "])
-            for k, b in enumerate(bits):
-                if b == "1":
-                    cx, cy = x + (k % 3) * scale, y + (k // 3) * scale
-                    self.rect(cx, cy, cx + scale, cy + scale, color)
-            x += 4 * scale
-        return x
-
-    @staticmethod
-    def text_width(s: str, scale: int = 2) -> int:
-        return len(s) * 4 * scale - scale
-
-    def save(self, path: Path) -> None:
-        raw = b"".join(b"\x00" + bytes(self.px[y * self.w * 3:(y + 1) * self.w * 3]) for y in range(self.h))
-
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-        png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-               + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png)
-
-
-def _mix(c, w, amount: float):
-    return tuple(int(a + (b - a) * amount) for a, b in zip(c, w))
-
-
-KIND_COLOR = {"F": (52, 110, 200), "B": (214, 96, 40), "I": (46, 150, 70), "W": (140, 70, 170)}
-
-
-def _color(kind: str, stage: int, num_stages: int):
-    """Later stages are lighter shades of their kind's color."""
-    return _mix(KIND_COLOR[kind], (255, 255, 255), 0.5 * stage / max(1, num_stages - 1))
-
-
-LEGEND = (("F", "F FORWARD"), ("B", "B BACKWARD"), ("I", "I INPUT GRAD"), ("W", "W WEIGHT GRAD"))
-LEGEND_NOTE = "LIGHTER = LATER STAGE   NUMBER = MICROBATCH   GREY = IDLE   RED = SIM END"
-SIM_COLOR = (220, 30, 30)
-
-
-def draw(rows: list[dict], path: Path, px_per_s: float | None = None) -> None:
+def draw(rows: list[dict], path: Path) -> None:
     """One panel per configuration, all on one time axis: a row per rank, a box per action (F blue,
     B orange, I green, W purple; lighter = later stage; microbatch number inside), idle time grey up
     to the step's end, and a red line where the same schedule would end with free communication
     (``sim``)."""
-    rows = [r for r in rows if "error" not in r]
-    if not rows:
-        return
-    left, right, row_h, gap, title_h, axis_h, legend_h = 44, 24, 26, 3, 22, 22, 26
-    span = max(max(r["step_s"], max(e[4] for rank in r["timeline"] for e in rank)) for r in rows)
-    px_per_s = px_per_s or max(300.0, min(900.0, 1700 / span))
-    legend_w = 8 + sum(18 + Canvas.text_width(label) + 14 for _, label in LEGEND) + Canvas.text_width(LEGEND_NOTE) + 8
-    width = max(int(left + span * px_per_s + right) + 1, legend_w)
-    height = legend_h + sum(title_h + r["p"] * (row_h + gap) + 8 for r in rows) + axis_h
-    cv = Canvas(width, height)
-    x = 8
-    for kind, label in LEGEND:
-        cv.rect(x, 7, x + 14, 19, KIND_COLOR[kind])
-        x = cv.text(x + 18, 8, label) + 14
-    cv.text(x, 8, LEGEND_NOTE, (90, 90, 90))
-    y = legend_h
+    from titan.plots import Timeline, draw_timelines  # here: the worker processes draw nothing
+
+    panels = []
     for r in rows:
-        num_stages = len(r["stage_ranks"])
-        title = (f"{r['schedule'].replace('_', ' ')}  P={r['p']} V={r['v']} M={r['m']}:  STEP {r['step_s']:.2f}S  "
-                 f"IDEAL {r['ideal_s']:.2f}S  BUBBLE {100 * r['bubble']:.0f}%")
-        if r["theory"]:
-            title += f" (THEORY {100 * r['theory']:.0f}%)"
-        if r["sim_s"]:
-            title += f"  SIM {r['sim_s']:.2f}S"
-        cv.text(left, y + 5, title)
-        y += title_h
-        top = y
-        for rank, events in enumerate(r["timeline"]):
-            cv.text(6, y + (row_h - 10) // 2, f"R{rank}")
-            cv.rect(left, y, left + r["step_s"] * px_per_s, y + row_h, (232, 232, 232))
-            for stage, kind, mb, t0, t1 in events:
-                x0, x1 = left + t0 * px_per_s, left + t1 * px_per_s
-                if x1 - x0 < 1:  # stage 0's empty input-backward in the zero-bubble schedules
-                    continue
-                cv.rect(x0, y, x1, y + row_h, _color(kind, stage, num_stages))
-                cv.rect(x1 - 1, y, x1, y + row_h, (255, 255, 255))  # separator
-                label = str(mb)
-                if cv.text_width(label) + 2 <= x1 - x0 - 1:
-                    tx = int((x0 + x1) / 2 - cv.text_width(label) / 2)
-                    ink = (255, 255, 255) if stage < num_stages / 2 else (0, 0, 0)
-                    cv.text(tx, y + (row_h - 10) // 2, label, ink)
-            y += row_h + gap
-        if r["sim_s"]:
-            xs = left + r["sim_s"] * px_per_s
-            cv.rect(xs - 1, top - 3, xs + 1, y, SIM_COLOR)
-        y += 8
-    # time axis, seconds
-    cv.rect(left, y, left + span * px_per_s, y + 1, (0, 0, 0))
-    tick = 0.25 if span <= 3 else 0.5
-    k = 0
-    while k * tick <= span + 1e-9:
-        xx = left + k * tick * px_per_s
-        cv.rect(xx, y, xx + 1, y + 5, (0, 0, 0))
-        label = f"{k * tick:g}"
-        cv.text(int(xx - cv.text_width(label) / 2), y + 8, label)
-        k += 1
-    cv.text(int(left + span * px_per_s) + 6, y + 8, "S")
-    cv.save(path)
+        if "error" in r:
+            continue
+        title = (f"{r['schedule']}  p={r['p']} v={r['v']} m={r['m']}: step {r['step_s']:.2f} s, "
+                 f"ideal {r['ideal_s']:.2f} s, bubble {r['bubble']:.0%}"
+                 + (f" (theory {r['theory']:.0%})" if r["theory"] else "")
+                 + (f", sim {r['sim_s']:.2f} s" if r["sim_s"] else ""))
+        panels.append(Timeline(title, r["timeline"], len(r["stage_ranks"]), r["step_s"], r["sim_s"]))
+    if panels:
+        draw_timelines(panels, path, "time (s)", "end with free communication (sim)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import copy
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -28,7 +29,8 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle, _PipelineSchedule
+from torch.distributed.pipelining.schedules import (OVERLAP_F_B, PipelineScheduleMulti, PipelineScheduleSingle,
+                                                   _PipelineSchedule)
 
 from parallel.errors import LayoutError
 from parallel.plan import ModelPlan
@@ -187,6 +189,51 @@ def build_schedule(schedule: str, stages: list[PipelineStage], n_microbatches: i
         raise LayoutError("parallel.pp_microbatches", f"{schedule} cannot run {n_microbatches} microbatches: {exc}",
                           "choose a number of microbatches the schedule supports (e.g. a multiple of parallel.pp), "
                           "via training.micro_batch_size or parallel.pp_microbatches.") from exc
+
+
+def schedule_actions(schedule: str, pp: int, virtual: int,
+                     n_microbatches: int) -> dict[int, list[tuple[int, str, int]]]:
+    """Per pp rank, the compute actions of one step of `schedule`, in the order the rank runs them:
+    (stage, kind, microbatch), kind F (forward), B (full backward), I (input-gradient backward) or
+    W (weight-gradient backward). Needs no process group and no model."""
+    check_schedule(schedule, pp, virtual)
+    cls, m = SCHEDULES[schedule], n_microbatches
+    try:
+        # The one-stage schedules: the order their `_step_microbatches` runs (their `pipeline_order`
+        # is a drawing aid of torch's that differs from it).
+        if cls is ScheduleGPipe:
+            return {r: [(r, "F", i) for i in range(m)] + [(r, "B", i) for i in range(m)] for r in range(pp)}
+        if cls is Schedule1F1B:
+            if m < pp:
+                raise ValueError(f"1F1B needs at least as many microbatches as stages ({pp})")
+            return {r: _one_f_one_b(r, pp, m) for r in range(pp)}
+        # The multi-stage schedules compute their order for every rank when built; these stand-ins
+        # hold all the stage facts their constructors read.
+        stages = [SimpleNamespace(num_stages=pp * virtual, group_size=pp, group_rank=0, submod=None)] * virtual
+        order = cls(stages, n_microbatches=m, loss_fn=None, scale_grads=False).pipeline_order
+    except ValueError as exc:
+        raise LayoutError("parallel.pp_microbatches", f"{schedule} cannot run {m} microbatches: {exc}",
+                          "choose a number of microbatches the schedule supports (e.g. a multiple of "
+                          "parallel.pp).") from exc
+    actions = {}
+    for rank, row in order.items():
+        leaves = [sub for a in row if a is not None
+                  for sub in (a.sub_actions if a.computation_type == OVERLAP_F_B else (a,))]
+        actions[rank] = [(a.stage_index, a.computation_type.value, a.microbatch_index) for a in leaves
+                         if a.computation_type.value in ("F", "B", "I", "W")]
+    return actions
+
+
+def _one_f_one_b(rank: int, pp: int, m: int) -> list[tuple[int, str, int]]:
+    """Rank `rank` of 1F1B: forwards until pp - rank are in flight, then a backward and a forward in
+    turn, then the remaining backwards."""
+    warmup = min(m, pp - rank)
+    order = [(rank, "F", i) for i in range(warmup)]
+    for i in range(m):
+        order.append((rank, "B", i))
+        if warmup + i < m:
+            order.append((rank, "F", warmup + i))
+    return order
 
 
 class StageUnion(nn.Module):
