@@ -79,9 +79,19 @@ class Sink(Protocol):
 
 
 def strict_json(record: dict[str, Any]) -> str:
-    """One line of standard JSON: NaN and infinities (which `json` would write bare) become null."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    return json.dumps(clean, allow_nan=False)
+    """One line of standard JSON: NaN and infinities (which `json` would write bare) become null, at
+    any depth."""
+    return json.dumps(_finite_or_null(record), allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 class JsonlSink:

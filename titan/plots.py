@@ -155,6 +155,11 @@ def _grad_norm(run: Run, path: Path) -> str | None:
     fig = _figure(8, 4.5)
     ax = fig.subplots()
     ax.plot(steps, norms, marker="o" if len(steps) < 30 else None, markersize=3, label="grad norm (before clipping)")
+    undone = [row for r in run.skipped_data for row in r.get("dropped", []) if row.get("grad_norm") is not None]
+    if undone:
+        ax.scatter([r["step"] for r in undone], [r["grad_norm"] for r in undone], color="red", marker="x",
+                   label="steps undone by a rollback")
+        norms = [*norms, *(r["grad_norm"] for r in undone)]
     positive = [n for n in finite(norms) if n > 0]
     if positive and max(positive) > 100 * min(positive):  # a spike: keep the ordinary steps readable
         ax.set_yscale("log")

@@ -1,14 +1,13 @@
 """Rolling a run back past bad data: after `training.health.max_consecutive_skips` bad steps in a
 row, every rank loads the newest committed checkpoint and goes on from it, never drawing again the
 global positions consumed since it (the window whose batches led to the bad steps). The window is
-recorded in `<run.dir>/skipped_data.jsonl` and in the data cursor (so every later checkpoint, resume
-and layout honours it); the metrics and sequence-id logs lose their rows past the checkpoint, as on
-a resume. A second run of bad steps right after a rollback, before any newer checkpoint, stops the run
+recorded in `<run.dir>/skipped_data.jsonl` (with the logged numbers of the undone steps) and in the
+data cursor (so every later checkpoint, resume and layout honours it); the metrics and sequence-id
+logs lose their rows past the checkpoint, as on a resume. A second run of bad steps right after a rollback, before any newer checkpoint, stops the run
 (exit 5) instead of looping."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -21,7 +20,7 @@ from titan.data.loader import data_cursor, skipping
 from titan.errors import NonFiniteStepError
 from titan.events import EventLog
 from titan.health import HealthPolicy
-from titan.metrics import MetricsLogger, truncate_after_step
+from titan.metrics import MetricsLogger, read_jsonl, strict_json, truncate_after_step
 from titan.optim import build_scheduler
 from titan.trainer import TrainState
 
@@ -56,12 +55,16 @@ class Rollback:
         restored = TrainState(step=step, tokens=tokens, skipped=skipped)
         self.last_target = target
         if self.is_writer:
+            dropped = [{k: row[k] for k in ("step", "loss", "grad_norm", "skip_reason") if k in row}
+                       for row in read_jsonl(self.run_dir / "metrics.jsonl") if row["step"] > step] if (
+                self.run_dir / "metrics.jsonl").is_file() else []
             for name in ("sequence_ids.jsonl", "ranks.jsonl"):
                 truncate_after_step(self.run_dir / name, step)
             self.metrics.truncate_after(step)
-            record = {"step": state.step, "rolled_back_to": step, "ranges": [window], "bad_steps": bad}
+            record = {"step": state.step, "rolled_back_to": step, "ranges": [window], "bad_steps": bad,
+                      "dropped": dropped}  # the logged rows of the steps undone
             with (self.run_dir / "skipped_data.jsonl").open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(strict_json(record) + "\n")
         self.events.write("rollback", state.step, rolled_back_to=step, ranges=[window])
         self.log(f"rollback: {bad} bad steps in a row up to step {state.step}; back to {target.name}, never drawing "
                  f"the global positions {window[0]}..{window[1] - 1} again (recorded in skipped_data.jsonl)")

@@ -87,7 +87,9 @@ def test_spikes_roll_back_past_their_data_and_no_resume_trains_on_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rollback: 3 bad steps in a row up to step 7; back to step-4" in proc.stdout
     (record,) = [json.loads(line) for line in (full / "skipped_data.jsonl").read_text().splitlines()]
+    dropped = record.pop("dropped")
     assert record == {"step": 7, "rolled_back_to": 4, "ranges": [[32, 56]], "bad_steps": 3}
+    assert [r["step"] for r in dropped] == [5, 6, 7] and all("spiked" in r["skip_reason"] for r in dropped)
     rows = read_metrics(full)
     assert [r["step"] for r in rows] == list(range(1, 9)) and not any(r.get("skipped") for r in rows)
     # Resume step 6 on 4 ranks: the same curve, and the window stays skipped.
