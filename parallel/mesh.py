@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from parallel import flight_recorder
 from parallel.errors import LayoutError
 
 
@@ -114,6 +115,7 @@ def init_process_group(env: DistEnv, timeout_s: float = 300.0) -> None:
     dist.init_process_group(backend, store=dist.PrefixStore(f"titan/attempt_{attempt}", store), rank=rank,
                             world_size=world_size, timeout=timeout,
                             device_id=env.device if backend == "nccl" else None)
+    flight_recorder.install()  # the last collectives of each rank, for the hang dump
 
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -149,6 +151,7 @@ def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, Device
     if dims.cp > 1:
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    flight_recorder.name_mesh(mesh, dp_mesh)
     return mesh, dp_mesh
 
 
@@ -164,6 +167,7 @@ def build_expert_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
     backends = tuple((dist.get_backend(), None) if name == "ep" else (None, None) for name in EXPERT_MESH_DIMS)
     expert_mesh = DeviceMesh(mesh.device_type, ranks, mesh_dim_names=EXPERT_MESH_DIMS, backend_override=backends)
     expert_mesh["expert_shard", "ep"]._flatten("expert_shard_ep")  # one reduction for the experts' grad norm
+    flight_recorder.name_mesh(mesh, None, expert_mesh)
     return expert_mesh
 
 
@@ -265,10 +269,15 @@ def run_main(main: Callable[[list[str]], None], argv: list[str]) -> NoReturn:
     except (dist.DistError, RuntimeError) as exc:
         if not (dist.is_initialized() and is_peer_failure(exc)):
             raise
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        dumped = flight_recorder.write_dump("a collective failed: a peer rank died or stopped responding",
+                                            [f"error: {detail}"], exc)
+        where = (f"This rank's stacks and last collectives: {dumped} (each rank that could wrote its "
+                 f"rank-<N>.txt there). " if dumped else "")
         print(f"error: a peer rank died or stopped responding (a collective failed or waited longer than "
               f"parallel.timeout_s), so this rank stops. Under torchrun --max-restarts the job restarts and "
-              f"resumes from the last checkpoint by itself; otherwise rerun the same command. "
-              f"Detail: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+              f"resumes from the last checkpoint by itself; otherwise rerun the same command. {where}"
+              f"Detail: {detail}", file=sys.stderr, flush=True)
         distributed, code = True, PEER_FAILURE_EXIT
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

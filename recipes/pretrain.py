@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from parallel.mesh import init_process_group, read_env, run_main
+from parallel.flight_recorder import set_dump_dir
 from parallel.tensors import all_finite
 from recipes.cli import config_errors, parse_args
 from titan.checkpoint import CheckpointManager
@@ -39,6 +40,8 @@ from titan.models import flops_per_token
 from titan.errors import NonFiniteStepError
 from titan.events import EventLog
 from titan.faults import FaultInjection, check_faults
+from titan.profiling import StepProfiler, check_profile
+from titan.watchdog import HangInjection, HangWatchdog, check_hang
 from titan.health import HealthPolicy
 from titan.rollback import Rollback
 from titan.step_timing import StepTiming
@@ -67,11 +70,14 @@ def main(argv: list[str]) -> None:
     env = read_env()
     stop = PreemptionWatch(env.device, announce=env.is_writer)  # until training starts, a signal stops at once
     run_dir = Path(cfg.run.dir).expanduser().resolve()
+    set_dump_dir(run_dir)  # a hang or a dead peer: <run.dir>/hang/rank-<N>.txt
     with config_errors():
         dims = resolve_dims(cfg, env)
         validate(cfg, env.world_size, dims.dp_size)
         check_layout(cfg, dims, env.device)
         check_faults(cfg.debug, cfg.training.steps, env.world_size)
+        check_hang(cfg.debug, cfg.training.steps, env.world_size)
+        check_profile(cfg.profile.steps, cfg.training.steps)
         check_data(cfg)
         if env.is_writer and cfg.logging.wandb.enabled:
             check_wandb(cfg)
@@ -151,14 +157,16 @@ def main(argv: list[str]) -> None:
     on_batches = SequenceIdLog(run_dir, par.dp_group, env.is_writer) if cfg.logging.sequence_ids else None
     balance = ExpertBalance(model, cfg.model, par.global_sum) if cfg.model.moe.n_experts else None
     faults = FaultInjection(cfg.debug, env.rank)
+    watchdog, hang = HangWatchdog(cfg.training.health.hang_factor, env.rank), HangInjection(cfg.debug, env.rank)
+    profiler = StepProfiler(cfg.profile.steps, run_dir, env.rank, device, log)
     timing = StepTiming(run_dir, cfg.training.health, device, env.is_writer, events, log)
     rollback = Rollback(cfg, manager, model, optimizer, loader, health, config_now, metrics, events, run_dir,
                         env.is_writer, log)
     trainer = Trainer(cfg, model, optimizer, scheduler, iter(loader),
                       lambda: eval_batches(data, cfg.training, layout.dp_rank, dims.dp_size, cfg.eval.steps), par,
                       device, metrics, throughput, state, health, rollback, on_step_end, on_batches,
-                      balance.after_step if balance else (lambda applied: {}), step_hooks=[faults, timing],
-                      metric_sources=[timing], faults=faults)
+                      balance.after_step if balance else (lambda applied: {}),
+                      step_hooks=[watchdog, faults, timing, hang, profiler], metric_sources=[timing], faults=faults)
     stop.start_training()
     with config_errors():  # a non-finite step or a failed save: one paragraph, its own exit code
         try:

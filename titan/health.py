@@ -12,7 +12,6 @@ in a row ask for a rollback to the newest checkpoint past the data that caused t
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from typing import Any
 
@@ -58,7 +57,8 @@ class HealthPolicy:
         if not self.cfg.spike_sigmas or len(self.losses) < max(self.cfg.spike_min_steps, 2):
             return None
         for name, value, window in (("loss", loss, self.losses), ("gradient norm", grad_norm, self.norms)):
-            mean, std = statistics.fmean(window), statistics.pstdev(window)
+            mean = sum(window) / len(window)
+            std = math.sqrt(sum((v - mean) ** 2 for v in window) / len(window))  # plain floats: microseconds
             if value > mean + self.cfg.spike_sigmas * std:
                 return (f"the {name} {value:.4g} spiked {(value - mean) / max(std, 1e-12):.1f} standard deviations "
                         f"above the last {len(window)} steps (mean {mean:.4g})")
