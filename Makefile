@@ -34,3 +34,5 @@ bench: setup
 	$(PY) -m benchmarks.checkpoint
 	$(PY) -m benchmarks.hierarchical
 	$(PY) -m benchmarks.context_parallel
+	$(PY) -m benchmarks.moe
+	$(PY) -m benchmarks.health

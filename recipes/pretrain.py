@@ -137,6 +137,7 @@ def main(argv: list[str]) -> None:
                                      "lr.warmup_steps, or set training.grad_clip), then rerun the same command: it "
                                      "resumes from the newest committed checkpoint with the new settings.")
         train_state = {"step": s.step, "tokens": s.tokens, "skipped": s.skipped, "health": health.state_dict(),
+                       "scheduler": trainer.scheduler.state_dict(),  # for the record: resumes rebuild it
                        "data": loader.state_dict(), "wandb_run_id": wandb_id,
                        "rng": torch.get_rng_state().tolist(), "config": config_now}
         manager.save(s.step, model, optimizer, train_state)
