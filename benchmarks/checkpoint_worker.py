@@ -568,7 +568,7 @@ def stall_run(ctx: Ctx, async_save: bool, saves: int, interval: int, keep: int) 
 
     trainer = Trainer(cfg, ctx.model, ctx.optimizer, ctx.scheduler, ctx.trainer.batches, lambda: iter(()),
                       ctx.trainer.par, ctx.env.device, MetricsLogger([]), ThroughputMeter(1, ctx.env.world_size, 1.0),
-                      ctx.state, on_step_end)
+                      ctx.state, on_step_end=on_step_end)
     barrier()
     ctx.prof.reset()
     began = time.perf_counter()

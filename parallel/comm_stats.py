@@ -6,7 +6,8 @@ group, so the bytes are exact and attributed to the mesh dimension whose group c
 
 Bytes are what one rank sends over the wire with ring algorithms, for a group of ``n`` ranks:
 all-gather ``(n - 1) x shard``, reduce-scatter ``(n - 1) / n x input``, all-reduce
-``2 (n - 1) / n x input``, broadcast / all-to-all ``(n - 1) / n x input``.
+``2 (n - 1) / n x input``, broadcast / all-to-all ``(n - 1) / n x input`` (an uneven all-to-all: its
+input less the rows it keeps).
 """
 
 from __future__ import annotations
@@ -112,7 +113,14 @@ class CommCounter(TorchDispatchMode):
             group = _group_of(tuple(args) + tuple((kwargs or {}).values()))
             if group is not None:
                 dim = self.group_dims.get(group.group_name, "other")
-                self.bytes[(dim, kind)] += wire_bytes(kind, _tensor_bytes(args[index]), group.size())
+                sent = _tensor_bytes(args[index])
+                splits = args[2] if func is _funcol.all_to_all_single.default else None
+                if splits:  # uneven all-to-all: this rank's own rows never leave it
+                    rows = args[index].shape[0]
+                    own = splits[dist.get_group_rank(group, dist.get_rank())]
+                    self.bytes[(dim, kind)] += sent * (rows - own) / max(rows, 1)
+                else:
+                    self.bytes[(dim, kind)] += wire_bytes(kind, sent, group.size())
         return out
 
     def by_dim_gb(self) -> dict[str, float]:

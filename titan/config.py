@@ -36,7 +36,7 @@ class MoEConfig:
     score: str = "sigmoid"  # router scores: sigmoid (DeepSeek-V3) | softmax (Mixtral, OLMoE)
     normalize_weights: bool = True  # rescale the top-k scores of a token to sum to 1
     route_scale: float = 1.0  # multiplies the routed output (DeepSeek-V3's routed_scaling_factor)
-    bias_update_rate: float = 0.001  # auxiliary-loss-free balancing: per-expert bias step after each step; 0 = off
+    bias_update_rate: float = 0.005  # auxiliary-loss-free balancing: per-expert bias step after each step; 0 = off
     aux_loss_coef: float = 0.0  # sequence-level load-balancing loss coefficient (per MoE layer)
     z_loss_coef: float = 0.0  # router z-loss coefficient (per MoE layer)
     experts_impl: str = "auto"  # grouped (torch._grouped_mm) | looped (one matmul per expert) | auto

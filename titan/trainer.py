@@ -18,6 +18,7 @@ from torch import nn
 
 from parallel.comm_stats import CommCounter
 from titan.config import PretrainConfig
+from titan.errors import NonFiniteStepError
 from titan.faults import FaultInjection
 from titan.health import HealthPolicy
 from titan.metrics import MetricsLogger, ThroughputMeter, peak_memory_gb
@@ -77,21 +78,23 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterator[dict],
                  eval_batches: Callable[[], Iterator[dict]], par: ParallelContext, device: torch.device,
                  metrics: MetricsLogger, throughput: ThroughputMeter, state: TrainState,
-                 health: HealthPolicy, rollback: Rollback,
+                 health: HealthPolicy | None = None, rollback: Rollback | None = None,
                  on_step_end: Callable[[TrainState], bool] = lambda state: False,
                  on_batches: Callable[[int, list[dict]], None] | None = None,
                  after_update: Callable[[bool], dict[str, Any]] = lambda applied: {},
                  step_hooks: Sequence[StepHook] = (), metric_sources: Sequence[MetricSource] = (),
                  faults: FaultInjection | None = None):
-        """`health` judges each step; `rollback` restores the newest checkpoint past bad data and
-        returns the state, LR schedule and batches to go on with. `after_update(applied)` runs after
+        """`health` judges each step (default: `training.health`); `rollback` restores the newest
+        checkpoint past bad data and returns the state, LR schedule and batches to go on with (none:
+        a run of bad steps stops the run). `after_update(applied)` runs after
         every step (e.g. the expert-bias update) and returns metrics for the step's record;
         `step_hooks` hear each step's start and end; `metric_sources` add to logged records."""
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.batches, self.eval_batches, self.par, self.device = batches, eval_batches, par, device
         self.metrics, self.throughput = metrics, throughput
         self.state, self.on_step_end, self.on_batches, self.after_update = state, on_step_end, on_batches, after_update
-        self.step_hooks, self.metric_sources, self.health, self.rollback = step_hooks, metric_sources, health, rollback
+        self.step_hooks, self.metric_sources, self.rollback = step_hooks, metric_sources, rollback
+        self.health = health or HealthPolicy(cfg.training.health)
         self.faults = faults
         t = cfg.training
         self.accum_steps = t.global_batch_size // par.dp_size // t.micro_batch_size
@@ -166,6 +169,9 @@ class Trainer:
                     self.throughput.reset(state.tokens)  # eval time is not training throughput
                 self.metrics.log(record)
             if skipped and self.health.wants_rollback():
+                if self.rollback is None:
+                    raise NonFiniteStepError(f"step {step}: {self.health.consecutive} bad steps in a row "
+                                             "(training.health.max_consecutive_skips) and no rollback here.")
                 state, self.scheduler, self.batches = self.rollback(state)
                 self.state = state
                 self.throughput.reset(state.tokens)
