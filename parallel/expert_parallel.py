@@ -24,6 +24,7 @@ from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
 from parallel.errors import LayoutError
 from parallel.plan import ModelPlan
+from parallel.tensors import inverse_permutation
 
 
 class _Dispatch:
@@ -43,10 +44,8 @@ class _Dispatch:
         # Rows arrive grouped by source rank, then local expert; regroup by local expert, then source.
         source_major = torch.arange(received.numel(), device=counts.device).view(ep, local)
         block_of_row = source_major.flatten().repeat_interleave(received.flatten())
-        expert_major_block = source_major.t().flatten()
-        rank_of_block = torch.empty_like(expert_major_block)
-        rank_of_block[expert_major_block] = torch.arange(expert_major_block.numel(), device=counts.device)
-        self.order = torch.argsort(rank_of_block[block_of_row], stable=True)
+        place_of_block = inverse_permutation(source_major.t().flatten())  # block -> its place, expert-major
+        self.order = torch.argsort(place_of_block[block_of_row], stable=True)
 
     def to_experts(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's rows (grouped by global expert) -> the rows of its local experts (grouped by expert)."""
@@ -55,9 +54,8 @@ class _Dispatch:
 
     def from_experts(self, rows: torch.Tensor) -> torch.Tensor:
         """The local experts' outputs -> the outputs of this rank's rows, in their order."""
-        restore = torch.empty_like(self.order)
-        restore[self.order] = torch.arange(self.order.numel(), device=self.order.device)
-        return all_to_all_single_autograd(rows[restore], self.send_splits, self.recv_splits, self.group)
+        return all_to_all_single_autograd(rows[inverse_permutation(self.order)], self.send_splits, self.recv_splits,
+                                          self.group)
 
 
 class _ScaleGradient(torch.autograd.Function):

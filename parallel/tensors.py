@@ -28,6 +28,13 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The permutation that undoes `order` (a 1-D permutation of 0..n-1): x[order][inverse] == x."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
 def local_device(param: torch.Tensor) -> torch.device:
     """Device of the data this rank actually holds."""
     return param.to_local().device if isinstance(param, DTensor) else param.device

@@ -37,7 +37,7 @@ from titan.metrics import (
 )
 from titan.build import build_layout, build_parallel_model, check_layout, report_mesh, resolve_dims
 from titan.models import flops_per_token
-from titan.errors import NonFiniteStepError
+from titan.errors import NON_FINITE_FIX, NonFiniteStepError
 from titan.events import EventLog
 from titan.faults import FaultInjection, check_faults
 from titan.profiling import StepProfiler, check_profile
@@ -133,9 +133,7 @@ def main(argv: list[str]) -> None:
     def save(s: TrainState) -> None:
         if not all_finite(training_tensors(model, optimizer), device):
             raise NonFiniteStepError(f"step {s.step}: the parameters or optimizer state hold NaN or infinite values, "
-                                     "so its checkpoint was not written. Fix: lower optim.lr (or raise "
-                                     "lr.warmup_steps, or set training.grad_clip), then rerun the same command: it "
-                                     "resumes from the newest committed checkpoint with the new settings.")
+                                     f"so its checkpoint was not written. Fix: {NON_FINITE_FIX}.")
         train_state = {"step": s.step, "tokens": s.tokens, "skipped": s.skipped, "health": health.state_dict(),
                        "scheduler": trainer.scheduler.state_dict(),  # for the record: resumes rebuild it
                        "data": loader.state_dict(), "wandb_run_id": wandb_id,

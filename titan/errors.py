@@ -11,6 +11,11 @@ STORAGE_EXIT = 4
 NON_FINITE_EXIT = 5
 INTERRUPT_EXIT = 130
 
+# What to do about non-finite or runaway steps, in every message that stops a run for them.
+NON_FINITE_FIX = ("lower optim.lr (or raise lr.warmup_steps, or set training.grad_clip), check the data (data.skip_ranges "
+                  "skips ranges of it by hand), then rerun the same command: it resumes from the newest committed "
+                  "checkpoint with the new settings")
+
 
 class RunStopped(RuntimeError):
     """The run stopped for a reason its message explains; `exit_code` says which kind."""

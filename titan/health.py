@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any
 
 from titan.config import HealthConfig
-from titan.errors import NonFiniteStepError
+from titan.errors import NON_FINITE_FIX, NonFiniteStepError
 
 POLICIES = ("skip", "fail")
 
@@ -39,9 +39,7 @@ class HealthPolicy:
         if self.cfg.policy == "fail":
             raise NonFiniteStepError(
                 f"step {step}: {problem}. The update was not applied and no checkpoint of this step was written. "
-                "Fix: lower optim.lr (or raise lr.warmup_steps, or set training.grad_clip), check the data, then "
-                "rerun the same command: it resumes from the newest committed checkpoint with the new settings; or "
-                "set training.health.policy=skip to skip such steps and go on.")
+                f"Fix: {NON_FINITE_FIX}; or set training.health.policy=skip to skip such steps and go on.")
         self.consecutive += 1
         return problem
 

@@ -17,7 +17,7 @@ from titan.checkpoint import CheckpointManager
 from titan.checkpoint.resume import load_newest_intact, restore_train_state
 from titan.config import PretrainConfig
 from titan.data.loader import data_cursor, skipping
-from titan.errors import NonFiniteStepError
+from titan.errors import NON_FINITE_FIX, NonFiniteStepError
 from titan.events import EventLog
 from titan.health import HealthPolicy
 from titan.metrics import MetricsLogger, read_jsonl, strict_json, truncate_after_step
@@ -43,9 +43,7 @@ class Rollback:
                    f"the run was rolled back to {target.name} already and went bad again before a newer checkpoint")
             raise NonFiniteStepError(
                 f"step {state.step}: {bad} bad steps in a row (training.health.max_consecutive_skips), and {why}. "
-                "Fix: lower optim.lr (or raise lr.warmup_steps, or set training.grad_clip), check the data (skip "
-                "ranges by hand with data.skip_ranges), then rerun the same command: it resumes from the newest "
-                "committed checkpoint with the new settings.")
+                f"Fix: {NON_FINITE_FIX}.")
         end = data_cursor(self.loader.state_dict())
         _, saved = load_newest_intact([target], "fail", self.config_now, self.model, self.optimizer, self.log,
                                       self.cfg.checkpoint.new_data_seed)

@@ -30,7 +30,7 @@ from torch import nn
 
 from parallel.pipeline import in_shape_inference
 from parallel.plan import BlockPlan, ModelPlan
-from parallel.tensors import local_tensor
+from parallel.tensors import inverse_permutation, local_tensor
 from titan.config import ModelConfig, MoEConfig
 from titan.models.llama import Attention, FeedForward, Llama, RMSNorm, TransformerBlock, flops_per_token
 
@@ -190,9 +190,7 @@ class MoE(nn.Module):
         order = torch.argsort(expert_of, stable=True)
         counts = torch.bincount(expert_of, minlength=self.n_experts)
         grouped = self.experts(flat[order // k], counts)
-        restore = torch.empty_like(order)
-        restore[order] = torch.arange(order.numel(), device=order.device)
-        outputs = grouped[restore].view(tokens, k, -1)
+        outputs = grouped[inverse_permutation(order)].view(tokens, k, -1)
         return (outputs * weights.unsqueeze(-1).to(outputs.dtype)).sum(dim=1)
 
     def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
