@@ -126,6 +126,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
         proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert "preempted" in out
+    assert not (tmp_path / "hang").exists()  # a preemption on time is no hang: no stack dumps
     steps = [int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*")]
     assert len(steps) == 1 and 3 <= steps[0] < 400 and steps[0] == read_metrics(tmp_path)[-1]["step"]
 
