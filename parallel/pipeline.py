@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -108,9 +108,11 @@ def balanced_split(costs: list[float], num_stages: int, first_extra: float, last
     return sizes[::-1]
 
 
+@cache
 def plan_stages(n_layers: int, pp: int, virtual: int, schedule: str, layer_cost: float, first_cost: float,
-                last_cost: float, layers_per_stage: list[int] | None) -> PipelineLayout:
-    """Cut `n_layers` blocks into `pp x virtual` stages and place them on pp ranks."""
+                last_cost: float, layers_per_stage: tuple[int, ...] | None) -> PipelineLayout:
+    """Cut `n_layers` blocks into `pp x virtual` stages and place them on pp ranks (cached: the
+    planner's search asks for the same cuts many times)."""
     check_schedule(schedule, pp, virtual)
     num_stages = pp * virtual
     if num_stages > n_layers:

@@ -47,6 +47,7 @@ from titan.rollback import Rollback
 from titan.step_timing import StepTiming
 from titan.expert_balance import ExpertBalance
 from titan.optim import build_optimizer, build_scheduler
+from titan.planner.check import PREDICTION_STEP, PlanPrediction
 from titan.preemption import PreemptionWatch
 from titan.run_dir import RunDirLock, check_writable
 from titan.trainer import Trainer, TrainState
@@ -81,6 +82,7 @@ def main(argv: list[str]) -> None:
         check_data(cfg)
         if env.is_writer and cfg.logging.wandb.enabled:
             check_wandb(cfg)
+        prediction = PlanPrediction(cfg, dims) if cfg.cluster is not None else None
         lock, candidates = claim_run_dir(cfg, env.is_writer, run_dir)
         data = load_checked_data(cfg)
 
@@ -165,7 +167,9 @@ def main(argv: list[str]) -> None:
                       lambda: eval_batches(data, cfg.training, layout.dp_rank, dims.dp_size, cfg.eval.steps), par,
                       device, metrics, throughput, state, health, rollback, on_step_end, on_batches,
                       balance.after_step if balance else (lambda applied: {}),
-                      step_hooks=[watchdog, faults, timing, hang, profiler], metric_sources=[timing], faults=faults)
+                      step_hooks=[watchdog, faults, timing, hang, profiler],
+                      metric_sources=[timing, prediction] if prediction else [timing], faults=faults,
+                      log_steps=(PREDICTION_STEP,) if prediction else ())
     stop.start_training()
     with config_errors():  # a non-finite step or a failed save: one paragraph, its own exit code
         try:

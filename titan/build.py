@@ -24,6 +24,7 @@ from parallel.context_parallel import check_cp_degree
 from parallel.mesh import (DistEnv, ParallelDims, build_expert_mesh, build_mesh, describe_mesh, hierarchical_dims,
                            loss_group)
 from parallel.parallelize import parallelize
+from parallel.plan import ModelPlan
 from parallel.pipeline import (V_SHAPED, PipelineLayout, SideInputs, StageUnion, build_schedule, plan_stages,
                                stage_module)
 from parallel.tensor_parallel import check_tp_degree
@@ -77,12 +78,13 @@ def report_mesh(layout: Layout, env: DistEnv, run_dir: Path) -> None:
           f"{place}; {groups}", flush=True)
 
 
-def check_layout(cfg: PretrainConfig, dims: ParallelDims, device: torch.device) -> None:
-    """Everything about the layout that can be refused before any process group exists."""
+def check_layout(cfg: PretrainConfig, dims: ParallelDims, device: torch.device, plan: ModelPlan | None = None) -> None:
+    """Everything about the layout that can be refused before any process group exists (`plan`: the
+    model's, when the caller has it already)."""
     if cfg.parallel.cpu_offload and device.type == "cpu":
         raise ConfigError("parallel.cpu_offload", "offloading to CPU memory needs an accelerator; this run is on "
                           "the CPU already.", "set parallel.cpu_offload=false.")
-    plan = build_model(cfg.model).plan()
+    plan = plan or build_model(cfg.model).plan()
     if cfg.model.init_from:
         check_init_from(cfg.model)
     if dims.tp > 1:
@@ -109,7 +111,7 @@ def pipeline_layout(cfg: PretrainConfig, pp: int) -> PipelineLayout:
     output_cost = 6 * m.dim * m.vocab_size
     layer_cost = (per_token - output_cost) / m.n_layers
     return plan_stages(m.n_layers, pp, p.pp_virtual_stages, p.pp_schedule, layer_cost, 0.0, output_cost,
-                       list(p.pp_layers_per_stage) if p.pp_layers_per_stage else None)
+                       tuple(p.pp_layers_per_stage) if p.pp_layers_per_stage else None)
 
 
 def pipeline_microbatches(cfg: PretrainConfig, dims: ParallelDims, layout: PipelineLayout) -> int:

@@ -204,6 +204,32 @@ class DebugConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """A cluster for the planner (`cluster=<name>`: configs/cluster/<name>.yaml; add your own). Rates
+    are per device (a GPU, or a rank on CPU); bandwidths count the bytes one rank sends, as
+    `comm_gb/<dim>` does."""
+
+    name: str = "cpu"  # the profile's name
+    device: str = "cpu"  # cpu | cuda: which kernels and optimizer path the run takes
+    nodes: int = 1  # nodes the job gets
+    devices_per_node: int = 2  # GPUs per node (CPU: ranks per node)
+    device_memory_gb: float = 12.0  # memory per device (CPU: the node's RAM / ranks)
+    usable_memory_fraction: float = 0.9  # share of it a layout may plan to fill (allocator fragmentation, NCCL buffers)
+    runtime_memory_gb: float = 0.0  # per-rank memory outside tensors that mem_gb reports (CPU: process RSS; GPU: 0)
+    peak_tflops_bf16: float = 0.1  # datasheet dense peak per device: the MFU denominator
+    peak_tflops_fp32: float = 0.1  # the same for float32 runs (TF32 on GPUs)
+    matmul_tflops_bf16: float = 0.003  # what large matmuls reach per device
+    matmul_tflops_fp32: float = 0.08  # the same for float32 matmuls
+    memory_gbps: float = 10.0  # device memory bandwidth: elementwise kernels and the optimizer step
+    kernel_overhead_us: float = 10.0  # fixed cost of one op (launch / eager dispatch)
+    intra_node_gbps: float = 1.0  # per rank, inside a node (NVLink; CPU: gloo over loopback)
+    inter_node_gbps: float = 1.0  # per rank, between nodes (a GPU's share of the NICs)
+    intra_node_latency_us: float = 50.0  # per collective
+    inter_node_latency_us: float = 100.0  # per collective between nodes
+    comm_overlap: float = 1.0  # share of FSDP/DP/PP traffic that hides behind compute when there is compute to hide it
+
+
+@dataclass
 class RunConfig:
     name: str = "run"  # the run's name (console, W&B)
     dir: str = "runs/run"  # the run's folder: config, metrics, checkpoints; one for all ranks
@@ -222,6 +248,7 @@ class PretrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # console, metrics.jsonl and W&B
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler traces of chosen steps
     debug: DebugConfig = field(default_factory=DebugConfig)  # fault injection for trying the health policies
+    cluster: Optional[ClusterConfig] = None  # cluster=<name>: log the planner's prediction at step 1 (plan_mem_gb, plan_tokens_per_s)
     run: RunConfig = field(default_factory=RunConfig)  # the run's name and folder
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -83,19 +83,20 @@ class Trainer:
                  on_batches: Callable[[int, list[dict]], None] | None = None,
                  after_update: Callable[[bool], dict[str, Any]] = lambda applied: {},
                  step_hooks: Sequence[StepHook] = (), metric_sources: Sequence[MetricSource] = (),
-                 faults: FaultInjection | None = None):
+                 faults: FaultInjection | None = None, log_steps: Collection[int] = ()):
         """`health` judges each step (default: `training.health`); `rollback` restores the newest
         checkpoint past bad data and returns the state, LR schedule and batches to go on with (none:
         a run of bad steps stops the run). `after_update(applied)` runs after
         every step (e.g. the expert-bias update) and returns metrics for the step's record;
-        `step_hooks` hear each step's start and end; `metric_sources` add to logged records."""
+        `step_hooks` hear each step's start and end; `metric_sources` add to logged records, and
+        `log_steps` are logged whatever `logging.log_interval` says."""
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.batches, self.eval_batches, self.par, self.device = batches, eval_batches, par, device
         self.metrics, self.throughput = metrics, throughput
         self.state, self.on_step_end, self.on_batches, self.after_update = state, on_step_end, on_batches, after_update
         self.step_hooks, self.metric_sources, self.rollback = step_hooks, metric_sources, rollback
         self.health = health or HealthPolicy(cfg.training.health)
-        self.faults = faults
+        self.faults, self.log_steps = faults, log_steps
         t = cfg.training
         self.accum_steps = t.global_batch_size // par.dp_size // t.micro_batch_size
         self.tokens_per_step = t.global_batch_size * t.seq_len
@@ -141,7 +142,7 @@ class Trainer:
             step = state.step + 1
             last = step == cfg.training.steps
             do_eval = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last)
-            do_log = do_eval or last or step % cfg.logging.log_interval == 0
+            do_log = do_eval or last or step % cfg.logging.log_interval == 0 or step in self.log_steps
             counter = self.par.comm_counter() if do_log and self.par.comm_counter else None
             for hook in self.step_hooks:
                 hook.begin(step)

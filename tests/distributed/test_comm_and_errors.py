@@ -6,59 +6,49 @@ import re
 
 import pytest
 
-from benchmarks.fsdp_units import Units, fsdp_units
+from omegaconf import OmegaConf
+
+from recipes.cli import compose_config
 from tests.helpers import read_metrics, run_torchrun
-from titan.config import ModelConfig
-from titan.models import build_model
+from titan.config import register_schemas
+from titan.planner.plan import make_plan
 
 BASE = ["model=debug", "training.steps=2", "training.seq_len=64", "training.global_batch_size=16",
         "training.micro_batch_size=2", "training.num_threads=1", "logging.log_interval=1", "eval.interval=0",
-        "checkpoint.enabled=false", "logging.progress_bar=false"]
+        "checkpoint.enabled=false", "logging.progress_bar=false", "cluster=cpu"]
 
 
-def _units() -> Units:
-    return fsdp_units(build_model(ModelConfig()))  # the debug shape, wrapped as apply_fsdp wraps it
+def planned(nproc: int, overrides: list[str]):
+    """The planner's plan of the same run (its bytes per dimension are the closed forms of
+    `parallel.costs` over the FSDP units of `titan.planner.facts`)."""
+    register_schemas()
+    cfg = OmegaConf.to_object(compose_config("pretrain", overrides))
+    return make_plan(cfg, cfg.cluster, nproc)
 
 
-def fsdp_step_bytes(shards: int, micro_batches: int) -> float:
-    """Per rank and step: all-gather of every unit in forward, again in backward for the units that
-    reshard after forward (the embedding and every block but the last), and a reduce-scatter of
-    every unit; each moves (n - 1) x the unit's padded shard."""
-    units = _units()
-    gathered = units.shard_bytes(shards) + units.shard_bytes(shards, regathered_only=True)
-    return micro_batches * (shards - 1) * (gathered + units.shard_bytes(shards))
-
-
-def hsdp_replicate_bytes(replicas: int, shards: int, micro_batches: int) -> float:
-    """All-reduce of each reduced gradient shard across the replicas: 2 (r - 1) / r x shard."""
-    return micro_batches * 2 * (replicas - 1) / replicas * _units().shard_bytes(shards)
-
-
-def tp_sequence_parallel_step_bytes(tp: int, micro_batches: int, micro_batch: int, seq_len: int) -> float:
-    """Per rank and step with sequence parallelism: each block all-gathers its input before
-    attention and the MLP and reduce-scatters their outputs (4 activation-sized collectives), and
-    the same again in backward; the embedding output and the output projection's input add 4 more.
-    Each moves (t - 1) / t of one full activation (micro_batch x seq_len x dim, fp32)."""
-    cfg = ModelConfig()
-    activation = micro_batch * seq_len * cfg.dim * 4
-    return micro_batches * (tp - 1) / tp * activation * (8 * cfg.n_layers + 4)
-
-
-@pytest.mark.parametrize("nproc,extra,expected", [
-    (2, [], {"comm_gb/dp_shard": fsdp_step_bytes(2, 4)}),
-    (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
-     {"comm_gb/dp_shard": fsdp_step_bytes(2, 2), "comm_gb/dp_replicate": hsdp_replicate_bytes(2, 2, 2)}),
-    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"],
-     {"comm_gb/tp": tp_sequence_parallel_step_bytes(2, 8, 2, 64)}),
+@pytest.mark.parametrize("nproc,extra,dims", [
+    (2, [], {"dp_shard"}),
+    (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], {"dp_shard", "dp_replicate"}),
+    (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], {"tp"}),
 ])
-def test_comm_bytes_match_closed_form(nproc, extra, expected, tmp_path):
+def test_comm_bytes_match_the_planner(nproc, extra, dims, tmp_path):
+    """Bytes per mesh dimension of real runs against the planner's closed forms; the run logs the
+    planner's prediction at step 1 (`cluster=cpu`), and `recipes.plan --check` reads it back."""
     proc = run_torchrun(nproc, "recipes.pretrain", [*BASE, *extra, f"run.dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for row in read_metrics(tmp_path):
+    plan = planned(nproc, [*BASE, *extra])
+    expected = {f"comm_gb/{x.dim}": x.bytes for x in plan.time.traffic}
+    assert {k.split("/")[1] for k in expected} == dims
+    rows = read_metrics(tmp_path)
+    for row in rows:
         for key, formula in expected.items():
             measured = row[key] * 1e9
             # Scalars (loss sum, grad-norm pieces, loss-parallel softmax statistics) add a little.
             assert formula <= measured <= formula * 1.01 + 256, (key, measured, formula)
+    assert rows[0]["step"] == 1
+    assert rows[0]["plan_tokens_per_s"] == pytest.approx(plan.time.tokens_per_s)
+    assert rows[0]["plan_mem_gb"] == pytest.approx(plan.memory[0].peak / 1e9)
+    assert "plan_mem_gb" not in rows[1]
 
 
 def test_one_wandb_run_for_four_ranks(tmp_path):

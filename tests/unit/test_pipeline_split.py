@@ -39,9 +39,9 @@ def test_v_placement_folds_back():
 
 
 def test_explicit_split_is_used_and_checked():
-    assert plan_stages(5, 2, 1, "1f1b", 1.0, 0.0, 0.0, [4, 1]).stage_layers == ((0, 1, 2, 3), (4,))
+    assert plan_stages(5, 2, 1, "1f1b", 1.0, 0.0, 0.0, (4, 1)).stage_layers == ((0, 1, 2, 3), (4,))
     with pytest.raises(LayoutError) as err:
-        plan_stages(5, 2, 1, "1f1b", 1.0, 0.0, 0.0, [4, 2])
+        plan_stages(5, 2, 1, "1f1b", 1.0, 0.0, 0.0, (4, 2))
     assert err.value.key == "parallel.pp_layers_per_stage"
 
 

@@ -1,0 +1,203 @@
+"""Peak memory of each pp rank: parameter, gradient and AdamW shards, the activations autograd saves
+for every micro-batch in flight, the loss's logits, and FSDP's unsharded units, at the two moments
+a step peaks (the start of a backward, the optimizer step).
+
+Activations are counted per token from what the model's ops save for backward (checked against a
+traced block in `tests/unit/test_planner.py`): per block, each norm keeps its input, its normalized
+output (on the residual stream: split along the sequence under sequence parallelism) and 1/rms, and
+its output gathered whole for the linears; attention keeps q, its output, k and v (gathered over the
+cp ranks) and one log-sum-exp per head; the SwiGLU keeps four hidden-wide tensors; an MoE layer keeps
+each routed copy's input and output and four expert-hidden tensors, the shared experts' four, and
+the router's scores. Tensor parallelism splits heads and hidden widths. Activation checkpointing
+keeps only a checkpointed block's input and recomputes the block during its backward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from titan.config import ClusterConfig, ModelConfig, TrainingConfig
+from titan.planner.facts import ModelFacts, Unit, unit_elements
+from titan.planner.layout import PlannedLayout
+from titan.planner.parts import rank_parts
+
+FP32 = 4
+ADAM_MOMENTS = 2
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes on one rank of pp rank `pp_rank` at its peak, by what holds them."""
+
+    pp_rank: int
+    params: float  # fp32 parameter shards
+    grads: float  # fp32 gradient shards (present at the peak, see `phase`)
+    optimizer: float  # AdamW moments
+    activations: float  # saved for backward, all micro-batches in flight
+    transient: float  # logits and their gradients in the loss backward, or a block being recomputed, or the optimizer's temporaries
+    gathered: float  # FSDP: unsharded units kept or prefetched, gradient and reduce-scatter buffers
+    buffers: float  # rotary tables and other buffers
+    runtime: float  # outside tensors: CUDA context / process (cluster.runtime_memory_gb)
+    phase: str  # backward | optimizer: when the peak happens
+
+    @property
+    def peak(self) -> float:
+        return (self.params + self.grads + self.optimizer + self.activations + self.transient + self.gathered
+                + self.buffers + self.runtime)
+
+
+def block_activations(sparse: bool, m: ModelConfig, tokens: int, tp: int, sp: bool, cp: int, act: int) -> float:
+    """Bytes one block saves for backward for `tokens` local tokens (activation dtype `act` bytes)."""
+    d, head_dim = m.dim, m.dim // m.n_heads
+    kv = m.n_kv_heads * head_dim
+    seq_split = tp if sp else 1
+    norms = 2 * tokens * ((2 * d * act + FP32) / seq_split + d * act)
+    attention = tokens * ((2 * d + 2 * kv * cp) * act + FP32 * m.n_heads) / tp
+    if not sparse:
+        return norms + attention + tokens * 4 * m.ffn_hidden_dim * act / tp
+    e = m.moe
+    routed = tokens * e.top_k * (2 * d + 4 * e.hidden_dim) * act
+    shared = tokens * 4 * e.n_shared_experts * e.hidden_dim * act
+    router = tokens * (3 * e.n_experts * FP32 + (d * FP32 if act != FP32 else 0))
+    return norms + attention + routed + shared + router
+
+
+def head_activations(m: ModelConfig, tokens: int, tp: int, sp: bool, act: int) -> float:
+    """The final norm's saved tensors (as a block's norm)."""
+    return tokens * ((2 * m.dim * act + FP32) / (tp if sp else 1) + m.dim * act)
+
+
+def loss_bytes(m: ModelConfig, tokens: int, tp: int, loss_parallel: bool) -> tuple[float, float]:
+    """(saved, peak in its backward): cross-entropy keeps fp32 log-probabilities of the (vocabulary-
+    sharded under loss parallelism) logits; its backward adds their gradient and the logits'."""
+    vocab = m.vocab_size // tp if tp > 1 and loss_parallel else m.vocab_size
+    saved = tokens * vocab * FP32
+    return saved, 3 * saved
+
+
+_SHARDS: dict[tuple[int, int, int, int], int] = {}
+
+
+def _largest_param(unit: Unit, tp: int, ep: int, shards: int) -> int:
+    key = (id(unit), tp, ep, -shards)
+    if key not in _SHARDS:
+        _SHARDS[key] = max(p.elements(tp, ep, shards) for p in unit)
+    return _SHARDS[key]
+
+
+def _unit_shard(unit: Unit, tp: int, ep: int, shards: int) -> int:
+    """`unit_elements`, remembered by the unit's identity (`model_facts` shares one tuple between
+    equal units, and keeps them alive)."""
+    key = (id(unit), tp, ep, shards)
+    if key not in _SHARDS:
+        _SHARDS[key] = unit_elements(unit, tp, ep, shards)
+    return _SHARDS[key]
+
+
+def predict_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfig) -> list[RankMemory]:
+    """The peak of each representative pp rank (`PlannedLayout.representative_ranks`; the ranks of
+    one pp rank hold the same amounts)."""
+    return [_rank_memory(facts, layout, cluster, r) for r in layout.representative_ranks()]
+
+
+def _rank_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfig, pp_rank: int) -> RankMemory:
+    cfg, dims = layout.cfg, layout.dims
+    m, t, p = cfg.model, cfg.training, cfg.parallel
+    bf16 = t.dtype == "bfloat16"
+    act = 2 if bf16 else FP32
+    fsdp = dims.fsdp_size > 1
+    gathered_bytes = 2 if bf16 and fsdp else FP32
+    tp, ep = dims.tp, dims.ep
+    sp = p.sequence_parallel and tp > 1
+    parts = rank_parts(facts, layout, pp_rank)
+    shards = (dims.dp_shard * dims.cp, dims.expert_shard) if fsdp else (1, 1)
+
+    params = FP32 * sum(n * _unit_shard(u, tp, ep, shards[e]) for u, e, n in parts.units)
+    optimizer = ADAM_MOMENTS * params
+    largest = max(_largest_param(u, tp, ep, shards[e]) for u, e, _ in parts.units)
+    opt_temp = FP32 * (params / FP32 if cluster.device == "cuda" else 2 * largest)  # foreach vs per-tensor AdamW
+
+    tokens = layout.local_tokens
+    whole = {sparse: block_activations(sparse, m, tokens, tp, sp, dims.cp, act) for sparse in (False, True)}
+    kept_input = tokens * m.dim * act / (tp if sp else 1)
+    saved_loss, loss_peak = loss_bytes(m, tokens, tp, p.loss_parallel)
+    stage_acts, recompute = [], 0.0
+    for stage in parts.stages:
+        saved = 0.0
+        for position, block in enumerate(stage.blocks):
+            if checkpointed(t, position):
+                saved += kept_input
+                recompute = max(recompute, whole[block.sparse])
+            else:
+                saved += whole[block.sparse]
+        if cfg.data.document_mask:
+            saved += tokens * t.seq_len * act  # one additive mask shared by the layers
+        if stage.first:
+            saved += tokens * 8  # token ids
+        if stage.last:
+            saved += head_activations(m, tokens, tp, sp, act) + saved_loss
+        stage_acts.append(saved)
+    in_flight, transient, grads_present = _activation_peak(layout, pp_rank, stage_acts, loss_peak - saved_loss,
+                                                           recompute, params)
+
+    gathered = 0.0
+    if fsdp:
+        kept = parts.units if p.reshard_after_forward is False else parts.kept
+        gathered = gathered_bytes * sum(n * _unit_shard(u, tp, ep, 1) for u, _, n in kept)
+        if not isinstance(p.reshard_after_forward, bool):
+            k = int(p.reshard_after_forward)
+            gathered += gathered_bytes * sum(n * _unit_shard(u, tp, ep, k) for u, _, n in parts.regathered())
+        gathered += 2 * FP32 * max(_unit_shard(u, tp, ep, 1) for u, _, _ in parts.units)  # gradient + reduce-scatter buffer
+
+    backward = params + optimizer + grads_present + in_flight + transient + gathered
+    step = params + optimizer + params + opt_temp
+    common = dict(pp_rank=pp_rank, params=params, optimizer=optimizer, buffers=facts.buffer_bytes,
+                  runtime=cluster.runtime_memory_gb * 1e9)
+    if backward >= step:
+        return RankMemory(grads=grads_present, activations=in_flight, transient=transient, gathered=gathered,
+                          phase="backward", **common)
+    return RankMemory(grads=params, activations=0.0, transient=opt_temp, gathered=0.0, phase="optimizer", **common)
+
+
+def checkpointed(t: TrainingConfig, position: int) -> bool:
+    """Whether activation checkpointing wraps the block at `position` in its stage."""
+    ac = t.activation_checkpoint
+    return ac == "full" or (ac == "selective" and position % t.activation_checkpoint_every == 0)
+
+
+def _activation_peak(layout: PlannedLayout, pp_rank: int, stage_acts: list[float], loss_peak: float,
+                     recompute: float, grads: float) -> tuple[float, float, float]:
+    """(saved activations, transient bytes, gradient bytes) at the largest moment of the rank's
+    schedule: each forward adds its stage's activations, each backward frees them; the loss backward
+    (last stage) and a recomputed block add their transients; gradients exist once the first
+    backward of the step has run (they accumulate over micro-batches)."""
+    best = (0.0, 0.0, 0.0)
+    for live, loss, backward, grads_present in _moments(layout, pp_rank):
+        saved = sum(n * a for n, a in zip(live, stage_acts))
+        extra = max(loss_peak if loss else 0.0, recompute) if backward else 0.0
+        best = max(best, (saved, extra, grads if grads_present else 0.0), key=sum)
+    return best
+
+
+def _moments(layout: PlannedLayout, pp_rank: int) -> set[tuple[tuple[int, ...], bool, bool, bool]]:
+    """The distinct moments of a rank's schedule that may peak: (micro-batches in flight per local
+    stage, the loss backward runs, a backward runs, gradients exist)."""
+    p = layout.cfg.parallel
+    key = (p.pp_schedule, layout.dims.pp, p.pp_virtual_stages, layout.modelled_microbatches, layout.pipeline is None,
+           pp_rank)
+    if key not in _MOMENTS:
+        local = {stage: i for i, stage in enumerate(layout.pipeline.stages_of(pp_rank))} if layout.pipeline else {0: 0}
+        last_stage = layout.pipeline.num_stages - 1 if layout.pipeline else 0
+        live, moments, any_backward = [0] * len(local), set(), False
+        for stage, kind, _ in layout.actions()[pp_rank]:
+            if kind == "F":
+                live[local[stage]] += 1
+                moments.add((tuple(live), False, False, any_backward))
+            elif kind in ("B", "I"):
+                moments.add((tuple(live), stage == last_stage, True, any_backward))
+                any_backward = True
+            if kind in ("B", "W"):
+                live[local[stage]] -= 1
+        _MOMENTS[key] = moments
+    return _MOMENTS[key]
+
+
+_MOMENTS: dict[tuple, set[tuple[tuple[int, ...], bool, bool, bool]]] = {}
