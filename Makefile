@@ -36,3 +36,4 @@ bench: setup
 	$(PY) -m benchmarks.context_parallel
 	$(PY) -m benchmarks.moe
 	$(PY) -m benchmarks.health
+	$(PY) -m benchmarks.planner

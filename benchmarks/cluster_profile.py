@@ -11,15 +11,21 @@ a warm-up; threads are set explicitly for each part). GB = 1e9 bytes, TFLOP = 1e
   median of the repeats (each repeat is one pass over all shapes, so a noisy spell hits every shape
   once); the value is the median over shapes, min / max in the comment. fp32 again with 2 threads
   in one process (comment line), to show the intra-op scaling.
-- ``memory_gbps``: one thread, 64 MB fp32 tensors; bytes read + written per second as the op
-  defines them (``torch.add(a, b, out=c)`` 12 B per element, ``a.mul_(s)`` and ``c.copy_(a)`` 8 B;
-  write-allocate traffic not counted); the median of the three ops. Comment lines: the same ops on
-  512 MB tensors, out-of-place ``a + b`` (a fresh output each call, page faults included) and
-  ``torch.optim.AdamW.step`` on 4 parameters of 64 MB (4 reads + 3 writes of 4 B per element) with
-  each implementation.
-- ``kernel_overhead_us``: ``x.add_(1)`` on 16 floats, one thread, per call.
-  ``dtensor_op_overhead_us``: the same op on a DTensor (16 floats per
-  rank, ``Shard(0)``) on a 2-rank gloo mesh, in the 2-process collective run.
+- ``attention_efficiency``: causal ``F.scaled_dot_product_attention`` forward + backward in fp32, one
+  thread, on 4 (heads, head_dim, seq) shapes, in the nominal FLOPs the planner and MFU count (the full
+  square, ``12 b h hd s^2``); the median rate over ``matmul_tflops_fp32``.
+- ``memory_gbps``: one thread, 64 MB fp32 ``a + b`` with a fresh output each call (as eager ops
+  write theirs, page faults included), 12 B per element. Comment lines: in-place ops on 64 and 512 MB
+  (``torch.add(a, b, out=c)`` 12 B per element, ``a.mul_(s)`` and ``c.copy_(a)`` 8 B; write-allocate
+  traffic not counted) and ``torch.optim.AdamW.step`` on 4 parameters of 64 MB (4 reads + 3 writes
+  of 4 B per element) with each implementation.
+- ``kernel_overhead_us``: ``x.add_(1)`` on 16 floats, one thread, per call, under the communication
+  counter (``parallel.comm_stats.CommCounter``) every training step runs under; bare in the comment.
+  ``dtensor_op_overhead_us``: the same op on a DTensor (16 floats per rank, ``Shard(0)``) on a 2-rank
+  gloo mesh, in the 2-process collective run, less the plain op there.
+- ``comm_overlap``: 0 on CPU: gloo moves and reduces the bytes with the cores that compute (an
+  FSDP2 loop of this model measured 0.575 s per step against 0.41 s with a barrier only, about
+  compute plus its collectives' time).
 - collectives: ``torch.distributed.run`` with 2 and 4 processes (gloo over loopback, one thread
   each; `benchmarks/cluster_profile_worker.py`): all-gather (``all_gather_single``, the new name of
   ``all_gather_into_tensor``), reduce-scatter (``reduce_scatter_single``), ``all_reduce``,
@@ -29,6 +35,8 @@ a warm-up; threads are set explicitly for each part). GB = 1e9 bytes, TFLOP = 1e
   algorithms count them (all-gather ``(n-1)/n S``, reduce-scatter ``(n-1)/n S``, all-reduce
   ``2 (n-1)/n S``, all-to-all ``(n-1)/n S``); ``time = latency + wire / bandwidth`` is fitted per
   collective and n by least squares on the relative error (each size weighs the same).
+  ``intra_node_gbps`` / ``_latency_us`` are FSDP's mix at n = 2 (per unit two all-gathers and one
+  reduce-scatter of the same bytes: the harmonic mean of the bandwidths, 2:1; the mean latency).
 - ``runtime_memory_gb``: the larger peak RSS (``ru_maxrss``) of 2 ranks that imported torch, hydra
   and ``recipes.pretrain`` and joined a gloo group with ``parallel.mesh.init_process_group``.
 - ``device_memory_gb``: ``MemTotal`` of /proc/meminfo / 2 (one rank of a 2-rank run).
@@ -49,6 +57,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from parallel.comm_stats import CommCounter
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -93,6 +103,20 @@ def matmul_tflops(dtype: torch.dtype, threads: int, repeats: int) -> list[float]
     return [6 * t * i * o / statistics.median(col) / 1e12 for (t, i, o), col in zip(linear_shapes(), zip(*times))]
 
 
+def attention_tflops(repeats: int = 5) -> list[float]:
+    """Nominal TFLOP/s (12 b h hd s^2: the full square, forward + backward, as MFU counts attention)
+    of causal SDPA forward + backward in fp32, one thread, per shape of (heads, head_dim, seq)."""
+    torch.set_num_threads(1)
+    rates = []
+    for heads, head_dim, seq in ((8, 32, 256), (8, 64, 512), (16, 64, 1024), (8, 128, 1024)):
+        q, k, v = (torch.randn(2, heads, seq, head_dim, requires_grad=True) for _ in range(3))
+        grad_out = torch.randn(2, heads, seq, head_dim)
+        step = lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out)  # noqa: E731
+        step()
+        rates.append(12 * 2 * heads * head_dim * seq ** 2 / statistics.median(seconds(step) for _ in range(repeats)) / 1e12)
+    return rates
+
+
 def stream_gbps(fn: Callable[[], None], nbytes: float, repeats: int = 7) -> float:
     """GB/s of `fn` moving `nbytes`, median of repeats after a warm-up call."""
     fn()
@@ -131,6 +155,12 @@ def tiny_op_us(iters: int = 20000, repeats: int = 7) -> float:
     op = lambda: x.add_(1)  # noqa: E731
     seconds(op, iters)
     return statistics.median(seconds(op, iters) for _ in range(repeats)) * 1e6
+
+
+def counted_op_us() -> float:
+    """`tiny_op_us` under the communication counter every training step runs under."""
+    with CommCounter({}):
+        return tiny_op_us()
 
 
 def run_worker(nproc: int, args: list[str]) -> dict:
@@ -190,6 +220,10 @@ def print_matmul() -> None:
           f"min .. max {spread(fp32_2)}; x{statistics.median(fp32_2) / statistics.median(fp32):.2f} of 1 thread)")
     print(f"# same shapes in bf16, 1 thread, 3 repeats (oneDNN; this CPU has AMX-BF16); min .. max {spread(bf16)}")
     print(f"matmul_tflops_bf16: {statistics.median(bf16):.3f}")
+    attention = attention_tflops()
+    print(f"# causal SDPA fwd+bwd, fp32, 1 thread, nominal 12 b h hd s^2 FLOPs, 4 shapes (h x hd x s 8x32x256 .. "
+          f"8x128x1024): {spread(attention)} TFLOP/s; the median / matmul_tflops_fp32")
+    print(f"attention_efficiency: {statistics.median(attention) / statistics.median(fp32):.2f}")
 
 
 def print_memory() -> None:
@@ -200,11 +234,11 @@ def print_memory() -> None:
     adamw = {name: adamw_gbps(impl) for name, impl in
              (("for_loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True}))}
     ops = ", ".join(f"{k} {v:.1f}" for k, v in small.items())
-    print(f"# bytes read + written / s, 1 thread, 64 MB fp32 tensors: median of add(out=) 12 B/elt, mul_ 8 B/elt, "
-          f"copy_ 8 B/elt ({ops})")
-    print(f"memory_gbps: {statistics.median(small.values()):.1f}")
-    print(f"#   512 MB tensors (beyond the L3): {', '.join(f'{k} {v:.1f}' for k, v in large.items())}; "
-          f"64 MB out-of-place a + b (new output each call): {fresh:.1f}")
+    print(f"# bytes read + written / s, 1 thread, 64 MB fp32 tensors, in place: median of add(out=) 12 B/elt, "
+          f"mul_ 8 B/elt, copy_ 8 B/elt ({ops}): {statistics.median(small.values()):.1f}")
+    print(f"#   512 MB tensors (beyond the L3): {', '.join(f'{k} {v:.1f}' for k, v in large.items())}")
+    print("# eager ops write fresh outputs: 64 MB out-of-place a + b (new output each call, page faults included)")
+    print(f"memory_gbps: {fresh:.1f}")
     print(f"#   AdamW.step, 4 x 64 MB params, 28 B/elt: {', '.join(f'{k} {v:.1f}' for k, v in adamw.items())} "
           f"(default on CPU = for_loop)")
 
@@ -213,11 +247,11 @@ def print_collectives(runs: dict[int, dict]) -> None:
     """intra_node_gbps / latency and the per-collective fits and measured bandwidths."""
     fits = {(name, n): fit(name, n, {int(s): t for s, t in run["seconds"][name].items()})
             for n, run in runs.items() for name in WIRE_FACTOR}
-    latency, gbps, _ = fits["all_gather", 2]
-    print("# gloo loopback, 2 processes x 1 thread, all-gather (FSDP's most frequent collective: forward and "
-          "backward), fit of time = latency + (n-1)/n S / bandwidth over S = 1 KB .. 64 MB")
-    print(f"intra_node_gbps: {gbps:.3f}")
-    print(f"intra_node_latency_us: {latency * 1e6:.0f}")
+    (ag_latency, ag_gbps, _), (rs_latency, rs_gbps, _) = fits["all_gather", 2], fits["reduce_scatter", 2]
+    print("# gloo loopback, 2 processes x 1 thread, fits of time = latency + (n-1)/n S / bandwidth over S = 1 KB .. "
+          "64 MB; FSDP's mix per unit: 2 all-gathers (forward, backward) and 1 reduce-scatter, same bytes each")
+    print(f"intra_node_gbps: {3 / (2 / ag_gbps + 1 / rs_gbps):.3f}")
+    print(f"intra_node_latency_us: {(2 * ag_latency + rs_latency) / 3 * 1e6:.0f}")
     print("# fitted per collective and n (latency us, bandwidth GB/s on ring wire bytes, worst relative error "
           "of the fit):")
     for (name, n), (lat, bw, worst) in fits.items():
@@ -238,11 +272,14 @@ def main() -> None:
     tiny = tiny_op_us()
     runs = {n: run_worker(n, ["collectives", *(["--dtensor"] if n == 2 else [])]) for n in (2, 4)}
     op_us = runs[2]["op_us"]
-    print("# x.add_(1) on 16 floats, 1 thread, median of 7 x 20000 calls")
-    print(f"kernel_overhead_us: {tiny:.2f}")
+    print(f"# x.add_(1) on 16 floats, 1 thread, median of 7 x 20000 calls, under the communication counter every "
+          f"training step runs under (parallel.comm_stats.CommCounter; bare: {tiny:.2f} us)")
+    print(f"kernel_overhead_us: {counted_op_us():.2f}")
     print(f"# the same op on a DTensor (16 floats per rank, Shard(0)) on a 2-rank gloo mesh, each rank 1 thread "
           f"(a plain tensor there: {op_us['tensor']:.2f} us)")
-    print(f"dtensor_op_overhead_us: {op_us['dtensor']:.1f}")
+    print(f"dtensor_op_overhead_us: {op_us['dtensor'] - op_us['tensor']:.1f}")
+    print("# gloo moves and reduces bytes with the cores that compute: nothing hides behind compute")
+    print("comm_overlap: 0.0")
     print_collectives(runs)
     rss = run_worker(2, ["runtime"])["peak_rss_bytes"]
     print(f"# peak RSS (ru_maxrss) of a rank after importing torch, hydra, recipes.pretrain and joining a 2-rank "

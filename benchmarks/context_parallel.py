@@ -21,7 +21,7 @@ All on ``model=small`` (``model.max_seq_len`` raised to the sequence), fp32, glo
     exact; goal <= ``--balance-goal`` for the pairing.
 (c) CP bytes per step: the worker's count (``parallel.comm_stats.CommCounter``, the trainer's
     counter) for each cp > 1, and ``comm_gb/cp`` in the cp2 runs' ``metrics.jsonl`` from (d),
-    against `benchmarks.comm.expected` (FSDP over the cp ranks plus the all-gathered K/V).
+    against the planner's bytes (FSDP over the cp ranks plus the all-gathered K/V).
 (d) Step time: ``torchrun --nproc-per-node 2 -m recipes.pretrain parallel.cp=2`` with one thread
     per rank against one process with 2 threads, global batch 1; (e) document masking: the same one
     process with ``data.document_mask=true`` against plain causal. The three contenders alternate
@@ -45,9 +45,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.comm import Layout, expected
-from benchmarks.fsdp_units import model_units
 from benchmarks.overhead import busy_cpu_seconds, own_children_cpu_seconds
+from benchmarks.planner import plan_of
 from parallel.context_parallel import shard_sequence
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,10 +150,8 @@ def print_balance(args: argparse.Namespace) -> bool:
 
 
 def cp_formula(args: argparse.Namespace, cp: int) -> float:
-    """`benchmarks.comm.expected` bytes on the cp group for one step of global batch 1 at this cp."""
-    cfg, units = model_units(base_overrides(args))
-    one = argparse.Namespace(global_batch=1, micro_batch=1, seq_len=args.seq_len)
-    return expected(Layout(cp, (f"parallel.cp={cp}",), cp=cp), cfg.model, units, one)["cp"]
+    """The planner's bytes on the cp group for one step of global batch 1 at this cp."""
+    return plan_of([*base_overrides(args), f"parallel.cp={cp}"], cp).time.traffic_by_dim()["cp"]
 
 
 def bytes_row(what: str, measured: float, formula: float, tolerance: float) -> bool:
@@ -166,7 +163,7 @@ def bytes_row(what: str, measured: float, formula: float, tolerance: float) -> b
 
 def print_bytes(args: argparse.Namespace, records: dict[int, list[dict]], cp2_rows: list[dict]) -> bool:
     print("\n(c) bytes per rank and step on the cp group (dp_shard = 1: FSDP's bytes are logged under cp too) "
-          "vs benchmarks.comm.expected")
+          "vs the planner (titan.planner)")
     print(f"{'source':34s} {'measured MB':>12s} {'formula MB':>11s} {'ratio':>7s}  goal")
     met = True
     for cp in (cp for cp in records if cp > 1):

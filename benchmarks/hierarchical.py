@@ -18,7 +18,7 @@ Layouts (4 ranks: hosts {0, 1} and {2, 3}):
   shard within (2 x 2).
 
 Closed form, bytes one host sends to the other per step (one micro-batch per rank), with `sh_k(u)`
-the padded fp32 shard of FSDP unit `u` over k ranks, units as `benchmarks/fsdp_units.py` lists them
+the padded fp32 shard of FSDP unit `u` over k ranks, units as the planner lists them (`titan/planner/parts.py`)
 (embedding, blocks, head, root; `R` = those gathered again in backward: the embedding and every
 block but the last). A ring over ranks 0-1-2-3 crosses the link once in each direction, so each
 host sends what one ring edge carries:
@@ -46,8 +46,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.fsdp_units import Units, model_units
+from benchmarks.planner import plan_of
 from launch.simcluster import SimCluster, unavailable
+from titan.planner.facts import model_facts
+from titan.planner.parts import rank_parts, shard_elements
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ARGS = ("model=debug model.dim=512 model.n_layers=4 model.n_heads=8 model.n_kv_heads=4 "
@@ -59,16 +61,25 @@ LAYOUTS = {
 }
 
 
-def inter_host_bytes(layout: str, units: Units, ranks_per_host: int = 2, hosts: int = 2) -> float:
+def fsdp_shard_bytes(args: argparse.Namespace, n: int) -> tuple[int, int]:
+    """(every unit's, the backward-regathered units') padded fp32 shard bytes over n ranks, from the
+    planner's FSDP units (`titan.planner.parts`)."""
+    plan = plan_of([*args.model_args.split(), f"parallel.dp_shard={n}", f"training.global_batch_size={n}",
+                    "training.micro_batch_size=1"], n)
+    parts = rank_parts(model_facts(plan.layout.cfg.model), plan.layout, 0)
+    return 4 * shard_elements(parts.units, 1, 1, n), 4 * shard_elements(parts.regathered(), 1, 1, n)
+
+
+def inter_host_bytes(layout: str, args: argparse.Namespace, ranks_per_host: int = 2, hosts: int = 2) -> float:
     """Closed-form bytes one host sends to the other per step (see the module docstring)."""
     n = ranks_per_host * hosts
-    every, regathered = units.shard_bytes(n), units.shard_bytes(n, regathered_only=True)
+    every, regathered = fsdp_shard_bytes(args, n)
     reduce_scatter = 2 * (n - 1) * every
     if layout == "flat":
         return (n - 1) * (every + regathered) + reduce_scatter
     if layout == "hpz":
         return (n - 1) * every + reduce_scatter
-    return ranks_per_host * 2 * (hosts - 1) / hosts * units.shard_bytes(ranks_per_host)
+    return ranks_per_host * 2 * (hosts - 1) / hosts * fsdp_shard_bytes(args, ranks_per_host)[0]
 
 
 def run_job(cluster: SimCluster, layout: str, steps: int, args: argparse.Namespace, run_dir: Path) -> tuple[list[int], list[dict]]:
@@ -115,8 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if reason:
         print(f"skipped: this benchmark needs a simulated cluster, and {reason}.")
         return
-    _, units = model_units(args.model_args.split())
-    params = units.params()
+    params = model_facts(plan_of([*args.model_args.split(), "training.micro_batch_size=1"], 1).layout.cfg.model).params()
     print(f"model: {params / 1e6:.1f}M parameters ({params * 4 / 1e6:.1f} MB fp32); 2 hosts x 2 ranks; "
           f"uplink {f'{args.rate_mbit:g} Mbit/s' if args.rate_mbit else 'uncapped'} per host; global batch {args.global_batch} x seq {args.seq_len}", flush=True)
     layouts = args.layouts.split(",")
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             per_step = [(b - a) / (args.steps - args.short_steps) for a, b in zip(short, long)]
             tokens = args.global_batch * args.seq_len
             step_s = statistics.median(tokens / row["tokens_per_s"] for row in rows[1:])
-            formula = inter_host_bytes(layout, units)
+            formula = inter_host_bytes(layout, args)
             results[layout] = {"bytes_per_host": per_step, "formula": formula, "step_s": step_s,
                                "ratio": statistics.mean(per_step) / formula, "loss": rows[-1]["loss"]}
             print(f"{layout:5s}: {statistics.mean(per_step) / 1e6:8.2f} MB/step per host (hosts "

@@ -7,7 +7,7 @@ group, so the bytes are exact and attributed to the mesh dimension whose group c
 Bytes are what one rank sends over the wire with ring algorithms, for a group of ``n`` ranks:
 all-gather ``(n - 1) x shard``, reduce-scatter ``(n - 1) / n x input``, all-reduce
 ``2 (n - 1) / n x input``, broadcast / all-to-all ``(n - 1) / n x input`` (an uneven all-to-all: its
-input less the rows it keeps).
+input less the rows it keeps); a point-to-point send (pipeline stages) its tensors.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ COLLECTIVES = {
     _c10d.allreduce_coalesced_.default: ("all_reduce", 0),
     _c10d.broadcast_.default: ("broadcast", 0),
     _c10d.alltoall_base_.default: ("all_to_all", 1),
+    _c10d.send.default: ("send", 0),
     _funcol.all_gather_into_tensor.default: ("all_gather", 0),
     _funcol.all_gather_into_tensor_coalesced.default: ("all_gather", 0),
     _funcol.reduce_scatter_tensor.default: ("reduce_scatter", 0),
@@ -72,6 +73,8 @@ def wire_bytes(kind: str, input_bytes: int, group_size: int) -> float:
         return 0.0
     if kind == "all_gather":
         return input_bytes * (n - 1)
+    if kind == "send":
+        return input_bytes
     if kind == "all_reduce":
         return 2 * input_bytes * (n - 1) / n
     return input_bytes * (n - 1) / n

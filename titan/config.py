@@ -220,8 +220,10 @@ class ClusterConfig:
     peak_tflops_fp32: float = 0.1  # the same for float32 runs (TF32 on GPUs)
     matmul_tflops_bf16: float = 0.003  # what large matmuls reach per device
     matmul_tflops_fp32: float = 0.08  # the same for float32 matmuls
-    memory_gbps: float = 10.0  # device memory bandwidth: elementwise kernels and the optimizer step
+    attention_efficiency: float = 0.5  # share of the matmul rate attention (SDPA, causal) reaches on the model's nominal attention FLOPs
+    memory_gbps: float = 10.0  # what eager elementwise kernels reach (fresh outputs): activations and the optimizer step
     kernel_overhead_us: float = 10.0  # fixed cost of one op (launch / eager dispatch)
+    dtensor_op_overhead_us: float = 0.0  # extra fixed cost of an op on a DTensor (tensor parallel)
     intra_node_gbps: float = 1.0  # per rank, inside a node (NVLink; CPU: gloo over loopback)
     inter_node_gbps: float = 1.0  # per rank, between nodes (a GPU's share of the NICs)
     intra_node_latency_us: float = 50.0  # per collective

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Protocol
 
 import torch
@@ -148,7 +149,8 @@ class PipelineRunner:
         args = (inputs,) if self.has_first else ()
         self.loss_fn.scale = scale
         losses: list[torch.Tensor] = []
-        run = self.schedule.step if backward else self.schedule.eval
+        # Training keeps no last-stage outputs: only the losses are read (a vocabulary-wide tensor per micro-batch saved).
+        run = partial(self.schedule.step, return_outputs=False) if backward else self.schedule.eval
         with self.loss_context(), autocast(self.device, self.autocast_dtype), auxiliary_loss_scale(scale):
             run(*args, target=targets if self.has_last else None, losses=losses)
         total = torch.zeros((), device=self.device)

@@ -30,6 +30,7 @@ def planned(nproc: int, overrides: list[str]):
     (2, [], {"dp_shard"}),
     (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], {"dp_shard", "dp_replicate"}),
     (2, ["parallel.tp=2", "parallel.sequence_parallel=true"], {"tp"}),
+    (2, ["parallel.pp=2"], {"pp"}),
 ])
 def test_comm_bytes_match_the_planner(nproc, extra, dims, tmp_path):
     """Bytes per mesh dimension of real runs against the planner's closed forms; the run logs the
@@ -37,7 +38,7 @@ def test_comm_bytes_match_the_planner(nproc, extra, dims, tmp_path):
     proc = run_torchrun(nproc, "recipes.pretrain", [*BASE, *extra, f"run.dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = planned(nproc, [*BASE, *extra])
-    expected = {f"comm_gb/{x.dim}": x.bytes for x in plan.time.traffic}
+    expected = {f"comm_gb/{dim}": nbytes for dim, nbytes in plan.time.traffic_by_dim().items()}
     assert {k.split("/")[1] for k in expected} == dims
     rows = read_metrics(tmp_path)
     for row in rows:

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from recipes.cli import compose_config
 from tests.helpers import run_recipe
@@ -17,6 +18,7 @@ from titan.config import ModelConfig, MoEConfig, register_schemas
 from titan.models import build_model
 from titan.planner.memory import block_activations
 from titan.planner.plan import make_plan
+from titan.planner.timing import OPS_PER_BLOCK
 
 
 def saved_bytes(cfg: ModelConfig, batch: int, seq: int) -> int:
@@ -114,3 +116,30 @@ def test_memory_prediction_within_10_percent_of_a_measured_rank(extra, tmp_path)
     cfg = OmegaConf.to_object(compose_config("pretrain", [*overrides, "cluster=cpu"]))
     rank = make_plan(cfg, cfg.cluster, 1).memory[0]
     assert rank.peak - rank.runtime == pytest.approx(measured, rel=0.10)
+
+
+def dispatched_ops(cfg: ModelConfig) -> int:
+    """Ops one block's forward + backward dispatches (the sum that seeds the backward included)."""
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    model = build_model(cfg)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model.reset_buffers()
+    x = torch.randn(2, 32, cfg.dim, requires_grad=True)
+    with Count():
+        model.layers["0"](x, model.rope_cos, model.rope_sin).sum().backward()
+    return Count.ops
+
+
+@pytest.mark.parametrize("moe", [MoEConfig(), MoEConfig(n_experts=8, top_k=2, hidden_dim=64, n_shared_experts=1,
+                                                        first_dense=0)])
+def test_ops_per_block_match_a_dispatched_block(moe):
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, max_seq_len=64, moe=moe)
+    assert dispatched_ops(cfg) == pytest.approx(OPS_PER_BLOCK[bool(moe.n_experts)], rel=0.05)

@@ -1,6 +1,6 @@
 """Peak memory of each pp rank: parameter, gradient and AdamW shards, the activations autograd saves
 for every micro-batch in flight, the loss's logits, and FSDP's unsharded units, at the two moments
-a step peaks (the start of a backward, the optimizer step).
+a step may peak (the start of a backward, the end of the step's last backward, the optimizer step).
 
 Activations are counted per token from what the model's ops save for backward (checked against a
 traced block in `tests/unit/test_planner.py`): per block, each norm keeps its input, its normalized
@@ -36,7 +36,7 @@ class RankMemory:
     gathered: float  # FSDP: unsharded units kept or prefetched, gradient and reduce-scatter buffers
     buffers: float  # rotary tables and other buffers
     runtime: float  # outside tensors: CUDA context / process (cluster.runtime_memory_gb)
-    phase: str  # backward | optimizer: when the peak happens
+    phase: str  # backward | backward end | optimizer: when the peak happens
 
     @property
     def peak(self) -> float:
@@ -58,6 +58,15 @@ def block_activations(sparse: bool, m: ModelConfig, tokens: int, tp: int, sp: bo
     shared = tokens * 4 * e.n_shared_experts * e.hidden_dim * act
     router = tokens * (3 * e.n_experts * FP32 + (d * FP32 if act != FP32 else 0))
     return norms + attention + routed + shared + router
+
+
+def block_backward_transient(sparse: bool, m: ModelConfig, tokens: int, tp: int, act: int) -> float:
+    """Gradients a block's backward holds at its largest moment, the SwiGLU's: the gradients of its
+    product and of both hidden-wide inputs (per routed copy and shared expert in an MoE layer)."""
+    if not sparse:
+        return 3 * tokens * m.ffn_hidden_dim * act / tp
+    e = m.moe
+    return 3 * tokens * (e.top_k + e.n_shared_experts) * e.hidden_dim * act
 
 
 def head_activations(m: ModelConfig, tokens: int, tp: int, sp: bool, act: int) -> float:
@@ -119,10 +128,11 @@ def _rank_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
     whole = {sparse: block_activations(sparse, m, tokens, tp, sp, dims.cp, act) for sparse in (False, True)}
     kept_input = tokens * m.dim * act / (tp if sp else 1)
     saved_loss, loss_peak = loss_bytes(m, tokens, tp, p.loss_parallel)
-    stage_acts, recompute = [], 0.0
+    stage_acts, backward_extra = [], []
     for stage in parts.stages:
-        saved = 0.0
+        saved, recompute, gradients = 0.0, 0.0, 0.0
         for position, block in enumerate(stage.blocks):
+            gradients = max(gradients, block_backward_transient(block.sparse, m, tokens, tp, act))
             if checkpointed(t, position):
                 saved += kept_input
                 recompute = max(recompute, whole[block.sparse])
@@ -133,10 +143,15 @@ def _rank_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
         if stage.first:
             saved += tokens * 8  # token ids
         if stage.last:
-            saved += head_activations(m, tokens, tp, sp, act) + saved_loss
+            # The loss backward first; the blocks' after the head's and the loss's saved tensors are freed.
+            head = head_activations(m, tokens, tp, sp, act) + saved_loss
+            saved += head
+            backward_extra.append(max(loss_peak - saved_loss, recompute, gradients - head))
+        else:
+            saved += tokens * m.dim * act / (tp if sp else 1)  # the stage's output, kept by the schedule for its backward
+            backward_extra.append(max(recompute, gradients))
         stage_acts.append(saved)
-    in_flight, transient, grads_present = _activation_peak(layout, pp_rank, stage_acts, loss_peak - saved_loss,
-                                                           recompute, params)
+    in_flight, transient, grads_present = _activation_peak(layout, pp_rank, stage_acts, backward_extra, params)
 
     gathered = 0.0
     if fsdp:
@@ -147,14 +162,17 @@ def _rank_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
             gathered += gathered_bytes * sum(n * _unit_shard(u, tp, ep, k) for u, _, n in parts.regathered())
         gathered += 2 * FP32 * max(_unit_shard(u, tp, ep, 1) for u, _, _ in parts.units)  # gradient + reduce-scatter buffer
 
-    backward = params + optimizer + grads_present + in_flight + transient + gathered
-    step = params + optimizer + params + opt_temp
+    # The end of the step's last backward: every gradient shard exists, and FSDP holds the last unit it
+    # reduces (the first in forward order) unsharded with its full gradient and reduce-scatter input.
+    last_reduced = (gathered_bytes + 2 * FP32) * _unit_shard(parts.units[0][0], tp, ep, 1) if fsdp else 0.0
     common = dict(pp_rank=pp_rank, params=params, optimizer=optimizer, buffers=facts.buffer_bytes,
                   runtime=cluster.runtime_memory_gb * 1e9)
-    if backward >= step:
-        return RankMemory(grads=grads_present, activations=in_flight, transient=transient, gathered=gathered,
-                          phase="backward", **common)
-    return RankMemory(grads=params, activations=0.0, transient=opt_temp, gathered=0.0, phase="optimizer", **common)
+    moments = (RankMemory(grads=grads_present, activations=in_flight, transient=transient, gathered=gathered,
+                          phase="backward", **common),
+               RankMemory(grads=params, activations=0.0, transient=0.0, gathered=last_reduced,
+                          phase="backward end", **common),
+               RankMemory(grads=params, activations=0.0, transient=opt_temp, gathered=0.0, phase="optimizer", **common))
+    return max(moments, key=lambda r: r.peak)
 
 
 def checkpointed(t: TrainingConfig, position: int) -> bool:
@@ -163,36 +181,35 @@ def checkpointed(t: TrainingConfig, position: int) -> bool:
     return ac == "full" or (ac == "selective" and position % t.activation_checkpoint_every == 0)
 
 
-def _activation_peak(layout: PlannedLayout, pp_rank: int, stage_acts: list[float], loss_peak: float,
-                     recompute: float, grads: float) -> tuple[float, float, float]:
+def _activation_peak(layout: PlannedLayout, pp_rank: int, stage_acts: list[float], backward_extra: list[float],
+                     grads: float) -> tuple[float, float, float]:
     """(saved activations, transient bytes, gradient bytes) at the largest moment of the rank's
-    schedule: each forward adds its stage's activations, each backward frees them; the loss backward
-    (last stage) and a recomputed block add their transients; gradients exist once the first
-    backward of the step has run (they accumulate over micro-batches)."""
+    schedule: each forward adds its stage's activations, each backward frees them and adds its
+    stage's transient (`backward_extra`: the loss backward, a recomputed block or a block's gradients);
+    gradients exist once the first backward of the step has run (they accumulate over micro-batches)."""
     best = (0.0, 0.0, 0.0)
-    for live, loss, backward, grads_present in _moments(layout, pp_rank):
+    for live, stage, grads_present in _moments(layout, pp_rank):
         saved = sum(n * a for n, a in zip(live, stage_acts))
-        extra = max(loss_peak if loss else 0.0, recompute) if backward else 0.0
+        extra = backward_extra[stage] if stage is not None else 0.0
         best = max(best, (saved, extra, grads if grads_present else 0.0), key=sum)
     return best
 
 
-def _moments(layout: PlannedLayout, pp_rank: int) -> set[tuple[tuple[int, ...], bool, bool, bool]]:
+def _moments(layout: PlannedLayout, pp_rank: int) -> set[tuple[tuple[int, ...], int | None, bool]]:
     """The distinct moments of a rank's schedule that may peak: (micro-batches in flight per local
-    stage, the loss backward runs, a backward runs, gradients exist)."""
+    stage, the local stage whose backward runs or None, gradients exist)."""
     p = layout.cfg.parallel
     key = (p.pp_schedule, layout.dims.pp, p.pp_virtual_stages, layout.modelled_microbatches, layout.pipeline is None,
            pp_rank)
     if key not in _MOMENTS:
         local = {stage: i for i, stage in enumerate(layout.pipeline.stages_of(pp_rank))} if layout.pipeline else {0: 0}
-        last_stage = layout.pipeline.num_stages - 1 if layout.pipeline else 0
         live, moments, any_backward = [0] * len(local), set(), False
         for stage, kind, _ in layout.actions()[pp_rank]:
             if kind == "F":
                 live[local[stage]] += 1
-                moments.add((tuple(live), False, False, any_backward))
+                moments.add((tuple(live), None, any_backward))
             elif kind in ("B", "I"):
-                moments.add((tuple(live), stage == last_stage, True, any_backward))
+                moments.add((tuple(live), local[stage], any_backward))
                 any_backward = True
             if kind in ("B", "W"):
                 live[local[stage]] -= 1
@@ -200,4 +217,4 @@ def _moments(layout: PlannedLayout, pp_rank: int) -> set[tuple[tuple[int, ...], 
     return _MOMENTS[key]
 
 
-_MOMENTS: dict[tuple, set[tuple[tuple[int, ...], bool, bool, bool]]] = {}
+_MOMENTS: dict[tuple, set[tuple[tuple[int, ...], int | None, bool]]] = {}

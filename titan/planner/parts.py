@@ -4,9 +4,10 @@ counted once (the search asks for the same ranks many times, so the answers are 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from titan.planner.facts import Block, ModelFacts, Unit
+from titan.planner.facts import Block, ModelFacts, Unit, unit_elements
 from titan.planner.layout import PlannedLayout
 
 
@@ -31,6 +32,11 @@ class RankParts:
         """The units resharded after forward and gathered again in backward, with their counts."""
         kept = {(id(u), e): n for u, e, n in self.kept}
         return [(u, e, n - kept.get((id(u), e), 0)) for u, e, n in self.units if n > kept.get((id(u), e), 0)]
+
+
+def shard_elements(units: Iterable[tuple[Unit, bool, int]], tp: int, ep: int, shards: int) -> int:
+    """Elements of one rank's shards over `shards` ranks of these (unit, is experts, how many)."""
+    return sum(n * unit_elements(u, tp, ep, shards) for u, _, n in units)
 
 
 def stage_units(facts: ModelFacts, stage: Stage) -> list[tuple[Unit, bool, bool]]:

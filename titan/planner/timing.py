@@ -20,7 +20,7 @@ from titan.planner.memory import FP32, _unit_shard, block_activations, checkpoin
 from titan.planner.parts import rank_parts
 from titan.report import STAGE_COSTS, replay
 
-OPS_PER_BLOCK = {False: 70, True: 150}  # eager ops of one block's forward + backward (dense, MoE)
+OPS_PER_BLOCK = {False: 205, True: 380}  # eager ops of one block's forward + backward (dense, MoE; counted in tests/unit/test_planner.py)
 OPS_PER_UNIT = 12  # FSDP's copy-in, copy-out and hooks per unit and micro-batch
 ELEMENTWISE_PASSES = 5  # elementwise traffic per saved activation byte: written and read in forward, read, written, read in backward
 OPTIMIZER_BYTES = 32  # per fp32 parameter element: AdamW reads and writes the parameter and both moments, reads the gradient; clipping
@@ -47,18 +47,26 @@ class StepTime:
     tokens_per_s: float
     mfu: float
 
+    def traffic_by_dim(self) -> dict[str, float]:
+        """Bytes per step on each `comm_gb/<dim>` (a dimension may carry several kinds of traffic)."""
+        out: dict[str, float] = {}
+        for x in self.traffic:
+            out[x.dim] = out.get(x.dim, 0.0) + x.bytes
+        return out
 
-def block_flops(sparse: bool, m: ModelConfig, seq_len: int) -> tuple[float, float]:
-    """(flops per token split over tp, flops per token every tp rank repeats) of one block's forward
-    + backward: 6 x matmul parameters a token uses, attention as a full square (the framework's
-    MFU convention); an MoE layer runs whole on every tp rank."""
+
+def block_flops(sparse: bool, m: ModelConfig, seq_len: int) -> tuple[float, float, float]:
+    """(matmul flops per token split over tp, attention flops per token split over tp, matmul flops per
+    token every tp rank repeats) of one block's forward + backward: 6 x the matmul parameters a token
+    uses, attention as a full square (the framework's MFU convention); an MoE layer runs whole on
+    every tp rank."""
     head_dim = m.dim // m.n_heads
-    attention = 2 * m.dim * (m.n_heads + m.n_kv_heads) * head_dim
-    split = 6 * attention + 12 * m.dim * seq_len
+    projections = 6 * 2 * m.dim * (m.n_heads + m.n_kv_heads) * head_dim
+    attention = 12 * m.dim * seq_len
     if not sparse:
-        return split + 18 * m.dim * m.ffn_hidden_dim, 0.0
+        return projections + 18 * m.dim * m.ffn_hidden_dim, attention, 0.0
     e = m.moe
-    return split, 6 * (m.dim * e.n_experts + 3 * m.dim * e.hidden_dim * (e.top_k + e.n_shared_experts))
+    return projections, attention, 6 * (m.dim * e.n_experts + 3 * m.dim * e.hidden_dim * (e.top_k + e.n_shared_experts))
 
 
 def link(group: str, layout: PlannedLayout, cluster: ClusterConfig) -> tuple[float, float]:
@@ -102,24 +110,28 @@ def predict_time(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
     per_rank = []
     for r in layout.representative_ranks():
         parts = rank_parts(facts, layout, r)
-        flops = acts = ops = 0.0
+        flops = attention = acts = ops = 0.0
         cost = {sparse: block_flops(sparse, m, t.seq_len) for sparse in (False, True)}
         whole = {sparse: block_activations(sparse, m, tokens, dims.tp, sp, dims.cp, act) for sparse in (False, True)}
         for stage in parts.stages:
             for position, block in enumerate(stage.blocks):
-                split, repeated = cost[block.sparse]
+                split, square, repeated = cost[block.sparse]
                 recompute = 4 / 3 if checkpointed(t, position) else 1.0
                 flops += tokens * (split / dims.tp + repeated) * recompute
-                acts += whole[block.sparse]
+                attention += tokens * square / dims.tp * recompute
+                acts += whole[block.sparse] * recompute
                 ops += OPS_PER_BLOCK[block.sparse] * recompute
             if stage.last:
                 flops += tokens * 6 * m.dim * m.vocab_size / dims.tp
+        dtensor_ops = ops if dims.tp > 1 else 0.0
         ops += OPS_PER_UNIT * sum(c for _, _, c in parts.units) if dims.fsdp_size > 1 else 0
         traffic = step_traffic(facts, layout, r)
         blocking = sum(collective_seconds(x.bytes, x.collectives, *link(x.group, layout, cluster))
                        for x in traffic if not x.overlapped) / layout.microbatches
-        work = flops / rate + ELEMENTWISE_PASSES * acts / (cluster.memory_gbps * 1e9)
-        work = work + ops * overhead if cluster.device == "cpu" else max(work, ops * overhead)
+        work = (flops + attention / cluster.attention_efficiency) / rate
+        work += ELEMENTWISE_PASSES * acts / (cluster.memory_gbps * 1e9)
+        fixed = ops * overhead + dtensor_ops * cluster.dtensor_op_overhead_us * 1e-6
+        work = work + fixed if cluster.device == "cpu" else max(work, fixed)
         per_rank.append((work + blocking, blocking, traffic))
 
     micro_s = max(x[0] for x in per_rank)  # one micro-batch through the busiest rank's stages
