@@ -22,7 +22,7 @@ from titan.checkpoint import CheckpointManager
 from titan.checkpoint.resume import (config_changes, describe_changes, load_newest_intact, restore_train_state,
                                      resume_candidates)
 from titan.config import ConfigError, PretrainConfig, register_schemas, validate
-from titan.data.checks import check_source, check_windows
+from titan.data.checks import check_data_windows, check_source
 from titan.data.loader import DataBundle, eval_batches, load_data, train_loader
 from titan.data.sequence_log import SequenceIdLog
 from titan.metrics import (
@@ -230,7 +230,7 @@ def load_checked_data(cfg: PretrainConfig) -> DataBundle:
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({data.vocab_size}).", f"set model.vocab_size={data.vocab_size} or more.")
-    check_windows(data.train, data.eval, cfg.data.eval_fraction, bool(cfg.eval.interval))
+    check_data_windows(data.train, data.eval, cfg.data.eval_fraction, bool(cfg.eval.interval))
     return data
 
 

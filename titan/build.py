@@ -197,7 +197,7 @@ def _build_pipeline(model: Llama, cfg: PretrainConfig, layout: Layout, device: t
         _parallelize_part(part, cfg, layout, use_loss_parallel, device)
         parts.append(part)
         stages.append(PipelineStage(part, stage, stages_layout.num_stages, device, group=pp_mesh.get_group()))
-    loss_fn = ScaledTokenLoss()
+    loss_fn = ScaledTokenLoss(_to_local)
     schedule = build_schedule(cfg.parallel.pp_schedule, stages, n_microbatches, loss_fn)
     local = stages_layout.stages_of(pp_rank)
     runner = PipelineRunner(schedule, loss_fn, has_first=0 in local, has_last=stages_layout.num_stages - 1 in local,

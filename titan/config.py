@@ -8,10 +8,13 @@ which the recipes turn into a one-paragraph message and exit code 2.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 
 class ConfigError(ValueError):
@@ -63,13 +66,23 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data mixture (data=mix): a folder of prepared token shards and its weight."""
+
+    name: str = MISSING  # names the source's metrics (loss/<name>, eval_loss/<name>) and its data cursor
+    path: str = MISSING  # out folder of `python -m recipes.prepare_data`
+    weight: float = 1.0  # relative share of each global batch (weights need not sum to 1)
+    max_epochs: Optional[float] = None  # passes over the source after which it stops being drawn; None: repeat
+
+
+@dataclass
 class DataConfig:
     """Where the text comes from and how it is tokenized."""
 
     name: str = "pydoc"  # the data config's name (part of run.name)
-    source: str = "pydoc"  # pydoc | text | jsonl | tokens
+    source: str = "pydoc"  # pydoc | text | jsonl (.gz, .zst too) | parquet | hf (a datasets save_to_disk folder) | tokens | mix
     path: Optional[str] = None  # file, folder or glob (text/jsonl); folder of shards (tokens)
-    text_field: str = "text"  # JSONL field holding a document
+    text_field: str = "text"  # JSONL field / Parquet or Arrow column holding a document
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json
     eot_token: Optional[str] = None  # end-of-text token of a HF tokenizer; guessed when unset
     eval_fraction: float = 0.05  # tail of the token stream held out for eval
@@ -78,6 +91,7 @@ class DataConfig:
     document_mask: bool = False  # packed documents do not attend to each other (block-causal attention at end-of-text tokens)
     reset_positions: bool = False  # with document_mask: rotary positions restart at 0 in every document
     skip_ranges: List[List[int]] = field(default_factory=list)  # [[start, end], ...]: global sequence positions never trained on (end excluded)
+    sources: List[SourceConfig] = field(default_factory=list)  # data=mix: the sources and their weights
 
 
 @dataclass
@@ -298,7 +312,8 @@ def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
     _one_of("lr.schedule", cfg.lr.schedule, ("cosine", "wsd", "constant"))
     _one_of("optim.name", cfg.optim.name, ("adamw",))
     _one_of("optim.implementation", cfg.optim.implementation, ("auto", "foreach", "fused", "for_loop"))
-    _one_of("data.source", cfg.data.source, ("pydoc", "text", "jsonl", "tokens"))
+    _one_of("data.source", cfg.data.source, ("pydoc", "text", "jsonl", "parquet", "hf", "tokens", "mix"))
+    validate_sources(cfg.data)
     _one_of("checkpoint.on_corrupt", cfg.checkpoint.on_corrupt, ("fail", "previous"))
     _one_of("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
     for key, value in [("lr.min_lr_ratio", cfg.lr.min_lr_ratio), ("lr.decay_fraction", cfg.lr.decay_fraction)]:
@@ -334,6 +349,33 @@ def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
         raise ConfigError("world_size", f"invalid world size {world_size}.", "launch with torchrun.")
     validate_moe(cfg)
     validate_health(cfg)
+
+
+def validate_sources(d: DataConfig) -> None:
+    """`data.sources`: given exactly for data=mix, named uniquely, weights that make a mixture."""
+    if d.source != "mix":
+        if d.sources:
+            raise ConfigError("data.sources", f"is set but data.source is {d.source!r}.",
+                              "use data=mix to draw from several sources, or drop data.sources.")
+        return
+    example = "data.sources='[{name: web, path: prepared/web, weight: 0.7}, {name: code, path: prepared/code, weight: 0.3}]'"
+    if not d.sources:
+        raise ConfigError("data.sources", "data=mix needs at least one source; none given.", f"set {example}.")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) or names.count(s.name) > 1:
+            raise ConfigError(f"data.sources[{i}].name", f"{s.name!r} is {'repeated' if names.count(s.name) > 1 else 'not a plain name'}"
+                              " (it names the source's metrics and cursor).",
+                              "give every source its own name of letters, digits, '_', '-' or '.'.")
+        if not math.isfinite(s.weight) or s.weight < 0:
+            raise ConfigError(f"data.sources[{i}].weight", f"{s.weight} is not a non-negative number.",
+                              "set a weight >= 0 (weights are relative: 0.7 and 0.3, or 7 and 3).")
+        if s.max_epochs is not None and not s.max_epochs > 0:
+            raise ConfigError(f"data.sources[{i}].max_epochs", f"{s.max_epochs} is not positive.",
+                              "set a positive number of passes, or null to repeat the source without end.")
+    if sum(s.weight for s in d.sources) <= 0:
+        raise ConfigError("data.sources", "every weight is 0: the mixture would draw nothing.",
+                          "give at least one source a positive weight.")
 
 
 def validate_health(cfg: PretrainConfig) -> None:

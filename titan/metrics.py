@@ -174,6 +174,10 @@ class ConsoleSink:
     def format(metrics: dict[str, Any]) -> str:
         parts = [f"step {metrics['step']}"]
         parts += [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in ConsoleSink.FIELDS if key in metrics]
+        for prefix, label in (("loss/", "loss"), ("eval_loss/", "eval")):  # a mixture's sources
+            per_source = [f"{key[len(prefix):]} {value:.4f}" for key, value in metrics.items() if key.startswith(prefix)]
+            if per_source:
+                parts.append(f"{label} by source: {', '.join(per_source)}")
         if metrics.get("skipped"):
             parts.append(f"SKIPPED: {metrics['skip_reason']}")
         return " | ".join(parts)

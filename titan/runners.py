@@ -27,15 +27,38 @@ from titan.models.moe import auxiliary_loss_scale
 ToLocal = Callable[[torch.Tensor], torch.Tensor]
 
 
+class SequenceLosses:
+    """Per-sequence loss sums of the loss computations made while recording (per-source metrics):
+    one (losses of a micro-batch's sequences, tokens per sequence) per micro-batch, in micro-batch order."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, int]] | None = None
+
+    def start(self) -> None:
+        self.parts = []
+
+    def take(self) -> list[tuple[torch.Tensor, int]]:
+        parts, self.parts = self.parts or [], None
+        return parts
+
+
 class StepRunner(Protocol):
+    sequence_losses: SequenceLosses
+
     def train(self, batches: list[dict]) -> torch.Tensor: ...
 
     def eval(self, batches: list[dict]) -> torch.Tensor:
         """Sum of token cross-entropies over `batches` (on the ranks that compute the loss)."""
 
 
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, record: SequenceLosses,
+                   to_local: ToLocal) -> torch.Tensor:
+    """The token cross-entropy summed over the batch (and, while `record` records, per sequence)."""
+    if record.parts is None:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    record.parts.append((to_local(losses.detach()).reshape(targets.shape).sum(-1), targets.shape[-1]))
+    return losses.sum()
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
@@ -83,13 +106,13 @@ class MicroBatchRunner:
         """`dp_size`: the ranks whose gradients the data-parallel reduction averages (dp x cp)."""
         self.model, self.device, self.tokens_per_step, self.dp_size = model, device, tokens_per_step, dp_size
         self.autocast_dtype, self.loss_context, self.to_local = autocast_dtype, loss_context, to_local
-        self.inputs = inputs
+        self.inputs, self.sequence_losses = inputs, SequenceLosses()
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         args, targets = self.inputs(batch, self.device)
         with autocast(self.device, self.autocast_dtype):
             logits = self.model(*args)
-        return token_loss_sum(logits, targets)
+        return token_loss_sum(logits, targets, self.sequence_losses, self.to_local)
 
     def train(self, batches: list[dict]) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
@@ -111,11 +134,11 @@ class MicroBatchRunner:
 class ScaledTokenLoss:
     """The pipeline's loss function: token cross-entropy sum times a scale set per use."""
 
-    def __init__(self) -> None:
-        self.scale = 1.0
+    def __init__(self, to_local: ToLocal) -> None:
+        self.scale, self.to_local, self.sequence_losses = 1.0, to_local, SequenceLosses()
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return token_loss_sum(logits, targets) * self.scale
+        return token_loss_sum(logits, targets, self.sequence_losses, self.to_local) * self.scale
 
 
 class PipelineRunner:
@@ -135,6 +158,7 @@ class PipelineRunner:
         self.autocast_dtype, self.loss_context, self.to_local = autocast_dtype, loss_context, to_local
         self.eval_needs_backward, self.parts = eval_needs_backward, parts
         self.n_microbatches, self.side_inputs, self.inputs = n_microbatches, side_inputs, inputs
+        self.sequence_losses = loss_fn.sequence_losses  # the last stage's loss calls run in micro-batch order
 
     def _run(self, batches: list[dict], backward: bool, scale: float) -> torch.Tensor:
         """Sum of this rank's last-stage losses over `batches`, divided by `scale` (zero elsewhere)."""
@@ -151,8 +175,13 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         # Training keeps no last-stage outputs: only the losses are read (a vocabulary-wide tensor per micro-batch saved).
         run = partial(self.schedule.step, return_outputs=False) if backward else self.schedule.eval
+        recorded = self.sequence_losses.parts
+        before = len(recorded) if recorded is not None else 0
         with self.loss_context(), autocast(self.device, self.autocast_dtype), auxiliary_loss_scale(scale):
             run(*args, target=targets if self.has_last else None, losses=losses)
+        if recorded is not None and len(recorded) - before > self.n_microbatches:
+            # torch's first step runs the loss once more beforehand, to infer gradient shapes
+            del recorded[before:len(recorded) - self.n_microbatches]
         total = torch.zeros((), device=self.device)
         for loss in losses:
             total += self.to_local(loss.detach())

@@ -100,17 +100,23 @@ class Trainer:
         t = cfg.training
         self.accum_steps = t.global_batch_size // par.dp_size // t.micro_batch_size
         self.tokens_per_step = t.global_batch_size * t.seq_len
+        self.source_names = [s.name for s in cfg.data.sources]  # a mixture's: losses per source are logged
 
-    def train_step(self) -> tuple[float, float, str | None, dict[str, Any]]:
+    def train_step(self, per_source: bool = False) -> tuple[float, float, str | None, dict[str, Any]]:
         """One step over the global batch, applied unless the health policy skips it; returns (loss,
-        grad_norm before clipping, why it was skipped or None, the metrics of `after_update`)."""
+        grad_norm before clipping, why it was skipped or None, the metrics of `after_update` and, with
+        `per_source`, the loss of each source of a mixture from the same forward pass)."""
         step = self.state.step + 1
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         batches = [next(self.batches) for _ in range(self.accum_steps)]
         if self.on_batches is not None:
             self.on_batches(step, batches)
+        per_source = per_source and bool(self.source_names)
+        if per_source:
+            self.par.runner.sequence_losses.start()
         loss = self.par.global_sum(self.par.runner.train(batches))
+        sources = self.source_losses(batches, "loss") if per_source else {}
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else math.inf
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.faults is not None:
@@ -121,18 +127,40 @@ class Trainer:
         if skipped is None:
             self.optimizer.step()
             self.scheduler.step()
-        return loss_value, norm_value, skipped, self.after_update(skipped is None)
+        return loss_value, norm_value, skipped, {**sources, **self.after_update(skipped is None)}
+
+    def source_losses(self, batches: list[dict], prefix: str) -> dict[str, float]:
+        """`<prefix>/<source>`: the token-mean loss of each mixture source in `batches`, from the
+        per-sequence losses the runner recorded (summed over the ranks that hold parts of them)."""
+        n = len(self.source_names)
+        sums = torch.zeros(2 * n, dtype=torch.float64)
+        parts = self.par.runner.sequence_losses.take()
+        if parts:  # the ranks that compute the loss (every rank, or the last pipeline stage)
+            losses = torch.cat([p.reshape(-1) for p, _ in parts]).double().cpu()
+            tokens = torch.cat([torch.full((p.numel(),), float(t), dtype=torch.float64) for p, t in parts])
+            sources = torch.cat([b["source"].reshape(-1) for b in batches])
+            if len(sources) != len(losses):
+                raise RuntimeError(f"{len(losses)} sequence losses for {len(sources)} sequences")
+            sums.index_add_(0, sources, losses)
+            sums.index_add_(0, sources + n, tokens)
+        sums = self.par.global_sum(sums.to(self.device)).cpu()
+        return {f"{prefix}/{name}": float(sums[s] / sums[n + s]) for s, name in enumerate(self.source_names)
+                if sums[n + s] > 0}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean token loss over the held-out batches."""
+    def evaluate(self) -> dict[str, float]:
+        """`eval_loss`: the mean token loss over the held-out batches (and `eval_loss/<source>` per
+        source of a mixture)."""
         self.model.eval()
         batches = list(self.eval_batches())
         total = torch.zeros((), device=self.device)
+        if self.source_names:
+            self.par.runner.sequence_losses.start()
         for start in range(0, len(batches), self.accum_steps):
             total += self.par.runner.eval(batches[start:start + self.accum_steps])
         tokens = sum(b["tokens"][:, 1:].numel() for b in batches) * self.par.dp_size
-        return (self.par.global_sum(total) / tokens).item()
+        sources = self.source_losses(batches, "eval_loss") if self.source_names else {}
+        return {"eval_loss": (self.par.global_sum(total) / tokens).item(), **sources}
 
     def fit(self) -> TrainState:
         cfg, state = self.cfg, self.state
@@ -147,7 +175,7 @@ class Trainer:
             for hook in self.step_hooks:
                 hook.begin(step)
             with counter or nullcontext():
-                loss, grad_norm, skipped, extra = self.train_step()
+                loss, grad_norm, skipped, extra = self.train_step(per_source=do_log)
             for hook in self.step_hooks:
                 hook.end(step)
             state.step = step
@@ -166,7 +194,7 @@ class Trainer:
                 if counter is not None:
                     record.update(counter.by_dim_gb())
                 if do_eval:
-                    record["eval_loss"] = self.evaluate()
+                    record.update(self.evaluate())
                     self.throughput.reset(state.tokens)  # eval time is not training throughput
                 self.metrics.log(record)
             if skipped and self.health.wants_rollback():

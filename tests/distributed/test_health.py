@@ -76,12 +76,14 @@ def positions_to_ids(first: int, last: int) -> set[int]:
     """The sequence ids the default data order puts at global positions first..last."""
     windows = len(load_data(DataConfig(), 64).train)
     sampler = GlobalCursorSampler(windows, 8, 2, 0, 1, seed=1234)
-    return set(sampler.global_indices(first, last - first + 1))
+    return set(sampler.ids_at(range(first, last + 1)))
 
 
 def test_spikes_roll_back_past_their_data_and_no_resume_trains_on_it(tmp_path):
+    # Three steps are a thin window for a standard deviation: natural steps reach 8 sigmas there, the
+    # injected spikes (x1000) thousands; 50 sigmas tells them apart.
     args = [*COMMON, "training.steps=8", "checkpoint.enabled=true", "checkpoint.interval=2", "checkpoint.keep=4",
-            "training.health.spike_min_steps=3", "logging.sequence_ids=true"]
+            "training.health.spike_min_steps=3", "training.health.spike_sigmas=50", "logging.sequence_ids=true"]
     full = tmp_path / "full"
     proc = run_torchrun(2, "recipes.pretrain", [*args, "debug.spike_steps=[5,6,7]", f"run.dir={full}"])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -42,12 +42,12 @@ CASES = {
     "binary-txt": ("text", lambda d: write(d / "archive.txt", gzip.compress(os.urandom(4000))),
                    ["archive.txt is not UTF-8 text", "the first on line 1", "Fix: decompress or convert archive.txt"]),
     "empty-folder": ("jsonl", lambda d: write(d / "empty" / "notes.csv", "a,b\n").rsplit("/", 1)[0],
-                     ["the folder", "empty holds no .jsonl or .json files", "Fix: point data.path at a .jsonl"]),
+                     ["the folder", "empty holds no .jsonl or .json (plain, .gz or .zst) files", "Fix: point data.path at a .jsonl"]),
     "glob-matches-nothing": ("text", lambda d: str(d / "*.nothing"),
                              ["the glob", "*.nothing' matches no files", "Fix: point data.path at a .txt or .md"]),
     "blank-corpus": ("jsonl", lambda d: write(d / "blank.jsonl", '\n{"text": ""}\n  \n{"text": " "}\n'),
-                     ["blank.jsonl holds no text", ".jsonl or .json file(s) searched",
-                      "Fix: point data.path at the .jsonl or .json files"]),
+                     ["blank.jsonl holds no text", ".jsonl or .json (plain, .gz or .zst) file(s) searched",
+                      "Fix: point data.path at the .jsonl or .json (plain, .gz or .zst) files"]),
 }
 TOO_SMALL = ["`training.seq_len`", "the corpus has 300 tokens", "needs at least 1,281 tokens",
              "Fix: lower training.seq_len to 14 or less, or add data to data.path (at least 1,281 tokens)"]
@@ -126,15 +126,15 @@ def test_damaged_token_shards_are_refused(tmp_path):
     assert all(file_record(good / s["file"]) == {"size": s["size"], "crc32": s["crc32"]} for s in meta["shards"])
 
     truncated, flipped = shutil.copytree(good, tmp_path / "truncated"), shutil.copytree(good, tmp_path / "flipped")
-    shard = "tokens-00001.bin"
-    os.truncate(truncated / shard, 2000 - 6)  # an even count: whole tokens, silently fewer of them before
+    shard, size = "tokens-00001.bin", meta["shards"][1]["size"]
+    os.truncate(truncated / shard, size - 6)  # an even count: whole tokens, silently fewer of them before
     data = bytearray((flipped / shard).read_bytes())
     data[100] ^= 0x01
     (flipped / shard).write_bytes(bytes(data))
     procs = run_all({"truncated": pretrain("tokens", truncated, tmp_path / "run-t"),
                      "flipped": pretrain("tokens", flipped, tmp_path / "run-f", "data.verify_checksums=true")})
-    expected = {"truncated": f"token shard {truncated / shard} is truncated or padded: 1994 bytes found, "
-                             f"{SHARD_META} records 2000",
+    expected = {"truncated": f"token shard {truncated / shard} is truncated or padded: {size - 6} bytes found, "
+                             f"{SHARD_META} records {size}",
                 "flipped": f"token shard {flipped / shard} is altered: CRC-32"}
     for name, proc in procs.items():
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -145,7 +145,7 @@ def test_damaged_token_shards_are_refused(tmp_path):
     for s in meta["shards"]:
         del s["size"], s["crc32"]
     (truncated / SHARD_META).write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="1994 bytes found, meta.json records 2000"):
+    with pytest.raises(ConfigError, match=f"{size - 6} bytes found, meta.json records {size}"):
         load_token_shards(str(truncated))
     (flipped / SHARD_META).write_text(json.dumps(meta))
     assert len(load_token_shards(str(flipped))[0]) == meta["num_tokens"]

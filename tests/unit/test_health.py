@@ -67,7 +67,7 @@ def test_sampler_never_draws_skipped_positions_on_any_layout():
         return [sum((b[s] for b in batches), []) for s in range(4)]
 
     plain = GlobalCursorSampler(50, 8, 2, 0, 1, seed=3)
-    ids = plain.global_indices(0, 60)
+    ids = plain.ids_at(range(60))
     expected = [ids[0:8], ids[8:10] + ids[20:26], ids[26:29] + ids[30:35], ids[35:43]]
     for dp in (1, 2, 4):
         assert steps(dp, [[10, 20], [29, 30], [12, 15]]) == expected, dp

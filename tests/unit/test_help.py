@@ -127,7 +127,7 @@ def test_prepare_data_help_shows_its_own_keys_and_the_data_group():
     assert _row(proc.stdout, "out", "str", "??? (required)") == docs["out"]
     assert _row(proc.stdout, "shard_tokens", "int", "50000000") == docs["shard_tokens"]
     assert _row(proc.stdout, "data.source", "str", "pydoc") == field_docs(titan.config.DataConfig)["source"]
-    assert re.search(r"^  data\s+jsonl \| pydoc \(default\) \| text \| tokens$", proc.stdout, re.M)
+    assert re.search(r"^  data\s+hf \| jsonl \| mix \| parquet \| pydoc \(default\) \| text \| tokens$", proc.stdout, re.M)
 
 
 def test_export_help_shows_its_keys():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import pickle
+import time
 
 import numpy as np
 import pytest
@@ -52,19 +54,44 @@ def union_over_ranks(n, gbs, mbs, dp, seed, steps, state=None) -> list[list[int]
 
 # ---------------------------------------------------------------- order
 
+def epoch(s: GlobalCursorSampler, e: int) -> list[int]:
+    """The ids of epoch `e` in the sampler's order."""
+    return s.ids_at(range(e * s.num_sequences, (e + 1) * s.num_sequences))
+
+
 def test_order_depends_only_on_seed_and_epoch():
     torch.manual_seed(0)
     a = sampler(n=50, gbs=8, mbs=2, seed=4)
     torch.manual_seed(1)
     torch.rand(100)
     b = sampler(n=50, gbs=12, mbs=3, rank=2, dp=4, seed=4)
-    for epoch in range(3):
-        assert torch.equal(a.epoch_order(epoch), b.epoch_order(epoch))
-        assert sorted(a.epoch_order(epoch).tolist()) == list(range(50))
-    assert not torch.equal(a.epoch_order(0), a.epoch_order(1))
-    assert not torch.equal(a.epoch_order(0), sampler(n=50, seed=5).epoch_order(0))
-    assert a.epoch_order(0).tolist() != list(range(50))  # actually shuffled
-    assert sampler(n=50, seed=4, shuffle=False).epoch_order(3).tolist() == list(range(50))
+    for e in range(3):
+        assert epoch(a, e) == epoch(b, e)
+        assert sorted(epoch(a, e)) == list(range(50))
+    assert epoch(a, 0) != epoch(a, 1)
+    assert epoch(a, 0) != epoch(sampler(n=50, seed=5), 0)
+    assert epoch(a, 0) != list(range(50))  # actually shuffled
+    assert epoch(sampler(n=50, seed=4, shuffle=False), 3) == list(range(50))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 31, 32, 33, 127, 257, 65535, 65537])
+def test_each_epoch_is_a_permutation_for_awkward_sizes(n):
+    s = sampler(n=n, seed=9)
+    for e in range(2):
+        assert sorted(epoch(s, e)) == list(range(n))
+    if n > 3:
+        assert epoch(s, 0) != epoch(s, 1) and epoch(s, 0) != epoch(sampler(n=n, seed=10), 0)
+
+
+def test_a_trillion_sequences_answer_at_once_in_constant_memory():
+    """No permutation is materialized: the state is a few keys whatever the size."""
+    n = 10**12
+    s = sampler(n=n, gbs=1024, mbs=8, seed=1)
+    began = time.perf_counter()
+    ids = s.ids_at(range(n - 1000, n + 1000))  # across the first epoch's end
+    assert time.perf_counter() - began < 1.0
+    assert len(set(ids[:1000])) == 1000 and all(0 <= i < n for i in ids)
+    assert len(pickle.dumps(s.epoch_order(0))) < 2000
 
 
 @pytest.mark.parametrize("dp", [1, 2, 4])
@@ -91,19 +118,19 @@ def test_epochs_wrap_and_each_epoch_is_a_permutation():
     s = sampler(n=n, gbs=gbs, mbs=2, seed=1)
     steps = take_steps(s, iter(s), 10)  # 40 sequences = 4 epochs
     flat = [i for step in steps for i in step]
-    for epoch in range(4):
-        chunk = flat[epoch * n:(epoch + 1) * n]
-        assert sorted(chunk) == list(range(n)), epoch
-        assert chunk == s.epoch_order(epoch).tolist()
+    for e in range(4):
+        chunk = flat[e * n:(e + 1) * n]
+        assert sorted(chunk) == list(range(n)), e
+        assert chunk == epoch(s, e)
     # Step 2 covers global positions 8..11: the last two of epoch 0 and the first two of epoch 1.
-    assert steps[2] == s.epoch_order(0).tolist()[8:] + s.epoch_order(1).tolist()[:2]
+    assert steps[2] == epoch(s, 0)[8:] + epoch(s, 1)[:2]
     assert flat[:n] != flat[n:2 * n]
 
 
 def test_global_batch_larger_than_the_dataset():
     s = sampler(n=3, gbs=8, mbs=4, seed=2)
     first = take_steps(s, iter(s), 1)[0]
-    expected = s.epoch_order(0).tolist() + s.epoch_order(1).tolist() + s.epoch_order(2).tolist()[:2]
+    expected = epoch(s, 0) + epoch(s, 1) + epoch(s, 2)[:2]
     assert first == expected
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from titan.config import ConfigError, DataConfig
 from titan.data.corpus import SUFFIXES, TokenStream, corpus_files, read_shard_meta
+from titan.data.mixture import MixedWindows
 from titan.data.packing import PackedWindows, train_eval_split
 from titan.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -22,6 +23,10 @@ from titan.data.tokenizer import Tokenizer, load_tokenizer
 def check_source(d: DataConfig) -> None:
     """Fail before any work when the corpus is not there: no path, no matching files, no meta.json."""
     if d.source == "pydoc":
+        return
+    if d.source == "mix":
+        for i, source in enumerate(d.sources):
+            read_shard_meta(source.path, f"data.sources[{i}].path")
         return
     if not d.path:
         raise ConfigError("data.path", f"data={d.name} needs a corpus path; none given.",
@@ -44,19 +49,31 @@ def open_tokenizer(d: DataConfig) -> Tokenizer:
                           "use `byte` or the path of a Hugging Face tokenizer.json.") from None
 
 
-def check_windows(train: PackedWindows, held_out: PackedWindows, eval_fraction: float, need_eval: bool) -> None:
+def check_data_windows(train: PackedWindows | MixedWindows, held_out: PackedWindows | MixedWindows,
+                       eval_fraction: float, need_eval: bool) -> None:
+    """`check_windows` on the corpus, or on every source of a mixture."""
+    if isinstance(train, MixedWindows):
+        for i, (name, part, held) in enumerate(zip(train.names, train.parts, held_out.parts)):
+            check_windows(part, held, eval_fraction, need_eval, f"data.sources[{i}].path", f"source {name!r}",
+                          key=f"data.sources[{i}].path")
+    else:
+        check_windows(train, held_out, eval_fraction, need_eval)
+
+
+def check_windows(train: PackedWindows, held_out: PackedWindows, eval_fraction: float, need_eval: bool,
+                  path_key: str = "data.path", what: str = "the corpus", key: str = "training.seq_len") -> None:
     """Refuse a stream without one train window (and one eval window when evals run)."""
     if len(train) >= 1 and (len(held_out) >= 1 or not need_eval):
         return
     tokens, seq_len = len(train.stream), train.seq_len
     needed = _min_tokens(seq_len, eval_fraction, need_eval)
     splits = "train and eval splits" if need_eval else "train split"
-    problem = (f"the corpus has {tokens:,} tokens, too few for one window of training.seq_len + 1 = {seq_len + 1} "
+    problem = (f"{what} has {tokens:,} tokens, too few for one window of training.seq_len + 1 = {seq_len + 1} "
                f"tokens in each of its {splits} (the eval split is the last data.eval_fraction={eval_fraction} of "
                f"the stream): it needs at least {needed:,} tokens.")
     longest = _max_seq_len(tokens, seq_len, eval_fraction, need_eval)
     shorter = f"lower training.seq_len to {longest} or less, or " if longest else ""
-    raise ConfigError("training.seq_len", problem, f"{shorter}add data to data.path (at least {needed:,} tokens).")
+    raise ConfigError(key, problem, f"{shorter}add data to {path_key} (at least {needed:,} tokens).")
 
 
 def _min_tokens(seq_len: int, eval_fraction: float, need_eval: bool) -> int:

@@ -2,7 +2,9 @@
 
 Sources: ``pydoc`` (the Python documentation bundled with the standard library, real English text
 that needs no network), local ``text`` files (one document per file), ``jsonl`` files (one document
-per line) and ``tokens``: shards written by ``python -m recipes.prepare_data``, memory-mapped.
+per line; ``.gz`` and ``.zst`` compressed too), ``parquet`` files (a text column), ``hf``: a folder
+saved by ``datasets``' ``save_to_disk`` (`titan.data.readers`), and ``tokens``: shards written by
+``python -m recipes.prepare_data``, memory-mapped.
 
 Bad input is refused here, where the file and line are known, with a :class:`ConfigError` both
 recipes report alike: a path matching no files, a line that is not JSON or lacks the text field, a
@@ -14,21 +16,24 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from parallel.mesh import report_once
-from titan.checkpoint.manifest import ChecksumWriter, file_record
+from titan.checkpoint.manifest import file_record
 from titan.config import ConfigError
+from titan.data.encoding import chunked, encode_chunk
+from titan.data.readers import arrow_documents, arrow_folder_files, open_text, parquet_documents
 from titan.data.tokenizer import Tokenizer
 
 SHARD_META = "meta.json"
 SHARD_FILE = "tokens-{:05d}.bin"
-SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl", ".json")}
+SUFFIXES = {"text": (".txt", ".md"), "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst"),
+            "parquet": (".parquet",), "hf": (".arrow",)}
+KINDS = {"text": ".txt or .md", "jsonl": ".jsonl or .json (plain, .gz or .zst)", "parquet": ".parquet", "hf": ".arrow"}
 UNDECODABLE_LIMIT = 0.05  # a text file with a larger share of undecodable characters is refused as binary
 UNDECODABLE = re.compile("[\ufffd\x00]")  # what undecodable bytes (and binary zeros) read as in a .txt
 ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a non-UTF-8 byte read with errors="surrogateescape"
@@ -42,16 +47,17 @@ def expand_paths(path: str, suffixes: tuple[str, ...]) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(suffixes))
     return sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
 
 
 def corpus_files(source: str, path: str) -> list[Path]:
-    """The files of a text or jsonl corpus; refuses a path that matches none."""
-    files = expand_paths(path, SUFFIXES[source])
+    """The files of a text, jsonl, parquet or hf (a saved `datasets` folder) corpus; refuses a path that
+    matches none."""
+    files = arrow_folder_files(Path(path)) if source == "hf" and Path(path).is_dir() else expand_paths(path, SUFFIXES[source])
     if files:
         return files
-    wanted = " or ".join(SUFFIXES[source])
+    wanted = KINDS[source]
     if Path(path).is_dir():
         problem = f"the folder {path} holds no {wanted} files (searched recursively)."
     elif any(c in path for c in "*?["):
@@ -74,13 +80,15 @@ def iter_documents(source: str, path: str | None, text_field: str = "text") -> I
         raise ValueError(f"not a text source: {source}")
     files = corpus_files(source, path)
     has_text = False
+    read = {"text": lambda f: (_text_file(f),), "jsonl": lambda f: _jsonl_documents(f, text_field),
+            "parquet": lambda f: parquet_documents(f, text_field), "hf": lambda f: arrow_documents(f, text_field)}[source]
     for f in files:
-        for doc in (_text_file(f),) if source == "text" else _jsonl_documents(f, text_field):
+        for doc in read(f):
             has_text = has_text or (bool(doc) and not doc.isspace())
             yield doc
     if not has_text:
-        what = "all empty or blank" if source == "text" else f"no line with a non-blank {text_field!r} field"
-        wanted = " or ".join(SUFFIXES[source])
+        what = "all empty or blank" if source == "text" else f"no document with a non-blank {text_field!r} field"
+        wanted = KINDS[source]
         raise ConfigError("data.path", f"{path} holds no text ({len(files)} {wanted} file(s) searched, {what}).",
                           f"point data.path at the {wanted} files that hold your corpus.")
 
@@ -104,7 +112,7 @@ def _text_file(f: Path) -> str:
 
 def _jsonl_documents(f: Path, text_field: str) -> Iterator[str]:
     """The `text_field` of each non-blank line of a JSON Lines file."""
-    with f.open(encoding="utf-8", errors="surrogateescape") as lines:
+    with open_text(f) as lines:
         for number, line in enumerate(lines, 1):
             if line.strip():
                 yield _json_document(f"{f}:{number}", line, text_field)
@@ -147,28 +155,6 @@ def _json_kind(value: Any) -> str:
     return JSON_KINDS.get(type(value), type(value).__name__)
 
 
-def tokenize_documents(docs: Iterator[str], tokenizer: Tokenizer, batch: int = 256) -> Iterator[np.ndarray]:
-    """Token arrays of documents, each followed by the end-of-text token."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    chunk: list[str] = []
-    for doc in docs:
-        chunk.append(doc)
-        if len(chunk) == batch:
-            yield from _encode_chunk(chunk, tokenizer, dtype)
-            chunk = []
-    if chunk:
-        yield from _encode_chunk(chunk, tokenizer, dtype)
-
-
-def _encode_chunk(chunk: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> Iterator[np.ndarray]:
-    for ids in tokenizer.encode_batch(chunk):
-        yield np.asarray(ids + [tokenizer.eot_id], dtype=dtype)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
-
-
 class TokenStream:
     """Several token arrays read as one contiguous stream (arrays may be memory-mapped)."""
 
@@ -191,8 +177,8 @@ class TokenStream:
         return np.concatenate(parts).astype(np.int64)
 
 
-def read_shard_meta(folder: str) -> dict:
-    """The meta.json of a prepare_data out folder; refuses a folder without a readable one."""
+def read_shard_meta(folder: str, key: str = "data.path") -> dict:
+    """The meta.json of a prepare_data out folder; refuses a folder without a readable one (naming `key`)."""
     path = Path(folder) / SHARD_META
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -200,8 +186,8 @@ def read_shard_meta(folder: str) -> dict:
         problem = f"{folder} holds no {SHARD_META} from recipes.prepare_data."
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         problem = f"{path} cannot be read ({exc})."
-    raise ConfigError("data.path", problem, "run `python -m recipes.prepare_data ... out=<dir>` and point data.path "
-                      "at its out folder.")
+    raise ConfigError(key, problem, f"run `python -m recipes.prepare_data ... out=<dir>` and point {key} at its "
+                      "out folder.")
 
 
 def load_token_shards(folder: str, verify_checksums: bool = False) -> tuple[TokenStream, dict]:
@@ -244,51 +230,9 @@ def _prepare_again(folder: Path) -> str:
     return f"re-run `python -m recipes.prepare_data` on the corpus with out={folder} overwrite=true"
 
 
-def write_token_shards(arrays: Iterable[np.ndarray], folder: Path, shard_tokens: int, tokenizer: Tokenizer,
-                       tokenizer_spec: str, on_shard: Callable[[dict], None] = lambda shard: None) -> dict:
-    """Write a token stream as `shard_tokens`-token raw arrays (the last may be shorter) plus the
-    metadata :func:`load_token_shards` reads, with each shard's size and CRC-32 (computed while
-    writing); files are flushed to disk. Returns the metadata."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    shards: list[dict] = []
-    out: ChecksumWriter | None = None
-    try:
-        for tokens in arrays:
-            tokens = np.ascontiguousarray(tokens, dtype=dtype)
-            while len(tokens):
-                if out is None:
-                    shards.append({"file": SHARD_FILE.format(len(shards)), "tokens": 0})
-                    out = ChecksumWriter((folder / shards[-1]["file"]).open("wb"))
-                part = tokens[:shard_tokens - shards[-1]["tokens"]]
-                out.write(part)
-                shards[-1]["tokens"] += len(part)
-                tokens = tokens[len(part):]
-                if shards[-1]["tokens"] == shard_tokens:
-                    out = _finish_shard(out, shards[-1], on_shard)
-        if out is not None:
-            out = _finish_shard(out, shards[-1], on_shard)
-    finally:
-        if out is not None:  # an error mid-shard: the caller discards the folder
-            out.close()
-    meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
-            "tokenizer": tokenizer_spec, "num_tokens": sum(s["tokens"] for s in shards), "shards": shards}
-    with (folder / SHARD_META).open("w", encoding="utf-8") as f:
-        f.write(json.dumps(meta, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return meta
-
-
-def _finish_shard(f: ChecksumWriter, shard: dict, on_shard: Callable[[dict], None]) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
-    shard.update(f.record())
-    on_shard(shard)
-
-
 def build_stream(source: str, path: str | None, tokenizer: Tokenizer, text_field: str = "text") -> TokenStream:
     """The whole corpus as one token stream (text sources are tokenized in memory)."""
     if source == "tokens":
         return load_token_shards(path)[0]
-    return TokenStream([np.concatenate(list(tokenize_documents(iter_documents(source, path, text_field), tokenizer)))])
+    docs = iter_documents(source, path, text_field)
+    return TokenStream([np.concatenate([encode_chunk(chunk, tokenizer).tokens for chunk in chunked(docs, 256)])])
