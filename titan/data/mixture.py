@@ -73,6 +73,7 @@ class Anchor:
 @dataclass(frozen=True)
 class Block:
     drawn: list[int]  # sequences drawn from each source before the block
+    deficit: list[float]  # what earlier blocks owe each source
     counts: list[int]  # sequences the block takes from each source
     deficit_after: list[float]
 
@@ -119,7 +120,7 @@ class MixtureOrder:
                 j, drawn, deficit = self._anchor.block, self._anchor.drawn, self._anchor.deficit
             while j <= block:
                 counts, after = self._allocate(j, drawn, deficit, self._anchor.weights)
-                self._blocks[j] = Block(drawn, counts, after)
+                self._blocks[j] = Block(drawn, deficit, counts, after)
                 self._blocks.pop(j - self.KEPT_BLOCKS, None)
                 drawn, deficit, j = [d + c for d, c in zip(drawn, counts)], after, j + 1
             for old in [j for j in self._blocks if abs(j - block) > self.KEPT_BLOCKS]:
@@ -196,17 +197,8 @@ class MixtureOrder:
         """The anchor at the block holding position `consumed` (the next one drawn)."""
         block = consumed // self.block
         b = self._block(block)
-        before = self._blocks.get(block - 1)
-        deficit = before.deficit_after if before is not None else (
-            self._anchor.deficit if block == self._anchor.block else self._replay_deficit(block))
         return {"mix": {"names": self.names, "block_size": self.block, "block": block, "drawn": list(b.drawn),
-                        "deficit": list(deficit), "weights": list(self._anchor.weights)}}
-
-    def _replay_deficit(self, block: int) -> list[float]:
-        """The deficits before `block`, recomputed from the anchor (when the block before was dropped)."""
-        self._blocks.clear()
-        self._block(block - 1)
-        return self._blocks[block - 1].deficit_after
+                        "deficit": list(b.deficit), "weights": list(self._anchor.weights)}}
 
     def load_state_dict(self, state: dict[str, Any], consumed: int) -> str | None:
         """Go on from a saved anchor; returns a line to log when the weights changed (they apply from
