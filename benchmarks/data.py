@@ -74,7 +74,8 @@ def _init(path: str) -> None:
 
 
 def _count(docs: list[str]) -> int:
-    return sum(len(e.ids) + 1 for e in _tokenizer.encode_batch(docs))
+    encode = getattr(_tokenizer, "encode_batch_fast", _tokenizer.encode_batch)  # the recipe's encoder: no offsets
+    return sum(len(e.ids) + 1 for e in encode(docs, add_special_tokens=False))
 
 
 def raw_encode(docs: list[str], tokenizer: Path, workers: int) -> tuple[int, float]:

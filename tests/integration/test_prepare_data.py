@@ -213,3 +213,23 @@ def test_print_a_mixture_of_prepared_folders(tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.splitlines()[0]
     assert line.startswith("data=mix data.sources='[{name: web, path: ") and "weight: 0.5000" in line
+
+
+def test_tokenizer_workers_do_not_import_the_callers_main_module(tmp_path):
+    """Workers start from a server that imported only the encoder: a recipe's __main__ (and torch with it)
+    is not re-imported in each of them."""
+    marker = tmp_path / "imported"
+    script = tmp_path / "main_script.py"
+    script.write_text(
+        "import os\n"
+        "if __name__ != '__main__':\n"
+        f"    open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+        "from titan.data.encoding import encode_documents\n"
+        "if __name__ == '__main__':\n"
+        "    chunks = list(encode_documents(['one doc', 'two'] * 600, 'byte', None, 2))\n"
+        "    print(sum(len(c.lengths) for c in chunks))\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1200"]
+    assert not marker.exists(), marker.read_text()

@@ -8,9 +8,12 @@ reading the documents surfaces there (and ends the pool) instead of in the pool'
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import multiprocessing
 import os
+import sys
+import types
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -42,6 +45,18 @@ def _init_worker(spec: str, eot_token: str | None) -> None:
     _worker_tokenizer = load_tokenizer(spec, eot_token)
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Hide the caller's ``__main__`` while workers start: forkserver (like spawn) re-imports it in every
+    worker, and a recipe's main module imports torch (1.5 s a worker, all of it before the first chunk)."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def encode_chunk(docs: list[str], tokenizer: Tokenizer | None = None) -> Encoded:
     tokenizer = tokenizer or _worker_tokenizer
     ids = tokenizer.encode_batch(docs)
@@ -71,7 +86,9 @@ def encode_documents(docs: Iterable[str], spec: str, eot_token: str | None, work
     # the caller's modules (spawn would re-import the recipe, and torch with it, in every worker).
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    with context.Pool(workers, initializer=_init_worker, initargs=(spec, eot_token)) as pool:
+    with _main_module_hidden():
+        pool = context.Pool(workers, initializer=_init_worker, initargs=(spec, eot_token))
+    with pool:
         pending: collections.deque = collections.deque()
         for chunk in chunked(docs, chunk_docs):
             pending.append(pool.apply_async(encode_chunk, (chunk,)))
