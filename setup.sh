@@ -1,5 +1,5 @@
 #!/bin/sh
-# Install this project (editable, with the dev extras) for the Makefile's targets.
+# Install this project (editable, with the dev and float8 extras) for the Makefile's targets.
 #
 #   ./setup.sh PYTHON            install into PYTHON's environment (an active virtual or conda env)
 #   ./setup.sh PYTHON ENV_DIR    install into ENV_DIR, a virtual environment created from PYTHON if absent
@@ -38,4 +38,4 @@ else
     py=$base
 fi
 torch_fits "$py" || "$py" -m pip install -q "torch==2.13.0"
-"$py" -m pip install -q -e ".[dev]"
+"$py" -m pip install -q -e ".[dev,float8]"

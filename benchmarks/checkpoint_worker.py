@@ -11,7 +11,7 @@ runs so that AdamW's moments exist. Everything is saved and loaded through the f
 
 Phases (each timed span starts and ends with a barrier, so it is the slowest rank's time):
 
-1. save: `CheckpointManager.save` (get_state_dict, DCP planning + write with a CRC-32 of each file
+1. save: `CheckpointManager.save` (get_state_dict, DCP planning + write with a checksum of each file
    as it is written + fsync of each file, then the commit: manifest, fsyncs, marker, rename; the
    pruning follows on a background thread, which the harness lets finish, untimed, before the next
    side) against a raw write by every rank of its own bytes (its local tensors, padded to the exact
@@ -34,7 +34,7 @@ Phases (each timed span starts and ends with a barrier, so it is the slowest ran
 
 A profiler wraps (without editing them) the functions the checkpoint code calls, so each timed
 span also reports where its time went: get_state_dict, dcp.save / dcp.load and their
-write_data / read_data, os.fsync, CRC-32 (zlib.crc32, and file_record: read + CRC-32),
+write_data / read_data, os.fsync, checksums (every hash update, and file_checksum: read + hash),
 collectives, staging, pruning (``bg:`` = on a background thread).
 """
 
@@ -140,9 +140,11 @@ class Profiler:
         self.wrap(storage_mod, "_pread_into", "pread")
         self.wrap(manager_mod.CheckpointManager, "check_intact", "check_intact")
         self.wrap(manager_mod, "_verify_own_shards", "verify(own shards)")
-        self.wrap(manager_mod, "file_record", "file_record(read+crc32)")
-        self.wrap(manifest_mod, "file_record", "file_record(read+crc32)")
-        self.wrap(manifest_mod.zlib, "crc32", "crc32")
+        self.wrap(manager_mod, "file_record", "file_record")
+        self.wrap(manifest_mod, "file_record", "file_record")
+        self.wrap(manifest_mod, "file_checksum", "file_checksum(read+hash)")
+        manifest_mod.HASHES.update({name: partial(TimedHash, make) for name, make in manifest_mod.HASHES.items()})
+        self.wrap(TimedHash, "update", "checksum")
         self.wrap(os, "fsync", "fsync")
         self.wrap(manager_mod, "_all_gather", "collective")
         self.wrap(shutil, "rmtree", "rmtree")
@@ -170,6 +172,19 @@ class Profiler:
         with self.lock:
             n, self.read_bytes = self.read_bytes, 0
         return n
+
+
+class TimedHash:
+    """A checksum state whose `update` the profiler can wrap (xxhash's are C types)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.inner = make()
+
+    def update(self, data: Any) -> None:
+        self.inner.update(data)
+
+    def intdigest(self) -> int:
+        return self.inner.intdigest()
 
 
 def _owner_of(cls: type, attr: str) -> type:
@@ -359,7 +374,7 @@ def phase_save(ctx: Ctx, rounds: int, keep: int, variants: list[str]) -> dict[st
     file and then deletes the ones older than the last `keep`, as the manager prunes (the manager
     does it on a background thread after save() returns; the raw side's deletion time is recorded
     too). `variants` add sides measured in the same rounds: ``torch-crc-on`` saves with the
-    framework's writer as if it left torch.save's CRC-32 of each record on (the manifest's CRC-32,
+    framework's writer as if it left torch.save's CRC-32 of each record on (the manifest's checksum,
     taken while writing, covers every byte either way)."""
     rank = ctx.env.rank
     raw_dir = ctx.work / "raw"

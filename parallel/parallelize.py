@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from parallel.context_parallel import apply_context_parallel
 from parallel.data_parallel import apply_fsdp, check_reshard_after_forward, shard_experts
@@ -17,12 +20,23 @@ from parallel.plan import ModelPlan
 from parallel.tensors import tie_parameters
 from parallel.tensor_parallel import apply_tensor_parallel, check_tp_degree
 
-AC_MODES = ("none", "full", "selective")
+AC_MODES = ("none", "full", "selective", "op")
+_aten = torch.ops.aten
+# What `op` keeps: the outputs of the matmuls and of attention (the FLOPs); norms, activations,
+# rotary embeddings and the other elementwise ops are recomputed in backward.
+SAVED_OPS = frozenset((_aten.mm, _aten.addmm, _aten.bmm, _aten._grouped_mm, _aten._scaled_dot_product_flash_attention,
+                       _aten._scaled_dot_product_efficient_attention, _aten._scaled_dot_product_cudnn_attention,
+                       _aten._scaled_dot_product_flash_attention_for_cpu))
+
+
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op.overloadpacket in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, every: int) -> None:
-    """Recompute block activations in backward: every block (`full`) or every `every`-th (`selective`).
-    The composable `checkpoint` keeps parameter names unchanged."""
+    """Recompute block activations in backward: every block (`full`), every `every`-th (`selective`),
+    or in every block only the cheap ops, keeping the matmul and attention outputs (`op`). The
+    composable `checkpoint` keeps parameter names unchanged."""
     if mode not in AC_MODES:
         raise LayoutError("training.activation_checkpoint", f"unknown mode {mode!r}.", f"use one of {AC_MODES}.")
     if mode == "selective" and every < 1:
@@ -30,7 +44,9 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, every: int)
     if mode == "none":
         return
     for position, block in enumerate(blocks.values()):
-        if mode == "full" or position % every == 0:
+        if mode == "op":
+            checkpoint(block, context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls))
+        elif mode == "full" or position % every == 0:
             checkpoint(block)
 
 

@@ -21,7 +21,7 @@ from recipes.cli import config_errors, parse_args
 from titan.checkpoint import CheckpointManager
 from titan.checkpoint.resume import (config_changes, describe_changes, load_newest_intact, restore_train_state,
                                      resume_candidates)
-from titan.config import ConfigError, PretrainConfig, register_schemas, validate
+from titan.config import ConfigError, PretrainConfig, register_schemas, resolve_auto, validate
 from titan.data.checks import check_data_windows, check_source
 from titan.data.loader import DataBundle, eval_batches, load_data, train_loader
 from titan.data.sequence_log import SequenceIdLog
@@ -31,15 +31,16 @@ from titan.metrics import (
     MetricsLogger,
     ThroughputMeter,
     WandbSink,
-    default_peak_tflops,
     truncate_after_step,
     wandb_problem,
 )
 from titan.build import build_layout, build_parallel_model, check_layout, report_mesh, resolve_dims
 from titan.models import flops_per_token
+from titan.peak import device_peak
 from titan.errors import NON_FINITE_FIX, NonFiniteStepError
 from titan.events import EventLog
 from titan.faults import FaultInjection, check_faults
+from titan.float8 import describe_float8, keep_scales_fresh
 from titan.profiling import StepProfiler, check_profile
 from titan.watchdog import HangInjection, HangWatchdog, check_hang
 from titan.health import HealthPolicy
@@ -75,6 +76,7 @@ def main(argv: list[str]) -> None:
     with config_errors():
         dims = resolve_dims(cfg, env)
         validate(cfg, env.world_size, dims.dp_size)
+        resolve_auto(cfg, env.device.type)
         check_layout(cfg, dims, env.device)
         check_faults(cfg.debug, cfg.training.steps, env.world_size)
         check_hang(cfg.debug, cfg.training.steps, env.world_size)
@@ -98,6 +100,9 @@ def main(argv: list[str]) -> None:
         model, par = build_parallel_model(cfg, layout, device, data.eot_id)
     manager = CheckpointManager(run_dir, cfg.checkpoint.keep, env.is_writer, cfg.checkpoint.async_save, log)
     optimizer = build_optimizer(model, cfg.optim)
+    if cfg.training.float8:
+        keep_scales_fresh(model, optimizer)
+        log(describe_float8(model, device))
     loader = train_loader(data, cfg.data, cfg.training, layout.dp_rank, dims.dp_size, cfg.checkpoint.new_data_seed)
 
     state, wandb_id = TrainState(), None
@@ -129,8 +134,9 @@ def main(argv: list[str]) -> None:
     if env.is_writer:
         metrics, wandb_id = writer_sinks(cfg, raw, run_dir, state, resumed=resumed is not None, wandb_id=wandb_id)
     dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
-    peak = cfg.training.peak_tflops or default_peak_tflops(device, dtype)
-    throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.training.seq_len), env.world_size, peak)
+    peak = device_peak(device, dtype, torch.get_num_threads(), cfg.training.peak_tflops)
+    log(peak.describe())
+    throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.training.seq_len), env.world_size, peak.tflops)
 
     def save(s: TrainState) -> None:
         if not all_finite(training_tensors(model, optimizer), device):

@@ -29,7 +29,8 @@ from parallel.pipeline import (V_SHAPED, PipelineLayout, SideInputs, StageUnion,
                                stage_module)
 from parallel.tensor_parallel import check_tp_degree
 from titan.checkpoint.hf import check_init_from, load_pretrained
-from titan.config import ConfigError, PretrainConfig
+from titan.config import ConfigError, PretrainConfig, on_device
+from titan.float8 import check_float8, convert_to_float8
 from titan.models import Llama, build_model, flops_per_token, init_weights
 from titan.runners import InputLayout, MicroBatchRunner, PipelineRunner, ScaledTokenLoss, StepRunner
 from titan.trainer import ParallelContext
@@ -87,6 +88,8 @@ def check_layout(cfg: PretrainConfig, dims: ParallelDims, device: torch.device, 
     plan = plan or build_model(cfg.model).plan()
     if cfg.model.init_from:
         check_init_from(cfg.model)
+    if cfg.training.float8:
+        check_float8(device, dims.tp)
     if dims.tp > 1:
         check_tp_degree(plan, dims.tp)
     if dims.cp > 1:
@@ -133,13 +136,15 @@ def pipeline_microbatches(cfg: PretrainConfig, dims: ParallelDims, layout: Pipel
 
 def _parallelize_part(part: nn.Module, cfg: PretrainConfig, layout: Layout, use_loss_parallel: bool,
                       device: torch.device) -> None:
-    """TP -> activation checkpointing -> compile -> FSDP on one model part, then materialize and init."""
+    """(float8) -> TP -> activation checkpointing -> compile -> FSDP on one model part, then materialize and init."""
+    if cfg.training.float8:
+        convert_to_float8(part, part.plan(), device, fsdp=layout.dims.fsdp_size > 1)
     parallelize(part, part.plan(), dims=layout.dims, mesh=layout.mesh, expert_mesh=layout.expert_mesh,
                 sequence_parallel=cfg.parallel.sequence_parallel,
                 loss_parallel=use_loss_parallel, reshard_after_forward=cfg.parallel.reshard_after_forward,
                 activation_checkpoint=cfg.training.activation_checkpoint,
                 activation_checkpoint_every=cfg.training.activation_checkpoint_every,
-                compile=cfg.training.compile,
+                compile=on_device(cfg.training.compile, device.type),
                 param_dtype=torch.bfloat16 if cfg.training.dtype == "bfloat16" else None,
                 cpu_offload=cfg.parallel.cpu_offload)
     part.to_empty(device="cpu" if cfg.parallel.cpu_offload else device)

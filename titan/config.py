@@ -87,7 +87,7 @@ class DataConfig:
     eot_token: Optional[str] = None  # end-of-text token of a HF tokenizer; guessed when unset
     eval_fraction: float = 0.05  # tail of the token stream held out for eval
     num_workers: int = 0  # data loader worker processes; 0 loads in the training process
-    verify_checksums: bool = False  # data=tokens: also check each shard's CRC-32 (reads every shard; sizes always are)
+    verify_checksums: bool = False  # data=tokens: also check each shard's checksum (XXH3-64; CRC-32 in older folders) (reads every shard; sizes always are)
     document_mask: bool = False  # packed documents do not attend to each other (block-causal attention at end-of-text tokens)
     reset_positions: bool = False  # with document_mask: rotary positions restart at 0 in every document
     skip_ranges: List[List[int]] = field(default_factory=list)  # [[start, end], ...]: global sequence positions never trained on (end excluded)
@@ -118,23 +118,29 @@ class TrainingConfig:
     dtype: str = "float32"  # float32 | bfloat16
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower, bit-reproducible kernels)
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
-    peak_tflops: Optional[float] = None  # per device, for MFU; guessed from the device when unset
+    peak_tflops: Optional[float] = None  # per rank, for MFU; unset: the GPU datasheet or the CPU cores (clock x FMA units x lanes), stated in the log
     num_threads: Optional[int] = None  # torch intra-op threads per rank (CPU); unset = cores / local ranks
-    activation_checkpoint: str = "none"  # none | full | selective (every activation_checkpoint_every-th block)
+    activation_checkpoint: str = "none"  # none | full | selective (every activation_checkpoint_every-th block) | op (every block recomputes all but its matmuls and attention)
     activation_checkpoint_every: int = 2  # selective: checkpoint every N-th block
-    compile: bool = False  # torch.compile each block
+    compile: Any = "auto"  # torch.compile each block: true | false | auto (on for CUDA, off on CPU)
+    float8: bool = False  # block linears in float8 (torchao, dynamic scaling; FSDP all-gathers in float8); needs .[float8]
     health: HealthConfig = field(default_factory=HealthConfig)  # spikes and NaNs, stragglers, hangs
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # optimizer: adamw
-    lr: float = 3e-3  # peak learning rate (after warmup)
+    name: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    lr: float = 3e-3  # peak learning rate (after warmup); with muon: of the AdamW parameters
     weight_decay: float = 0.1  # decoupled weight decay
     beta1: float = 0.9  # Adam first-moment decay
     beta2: float = 0.95  # Adam second-moment decay
     eps: float = 1e-8  # Adam denominator epsilon
-    implementation: str = "auto"  # auto | foreach | fused | for_loop
+    implementation: str = "auto"  # auto | foreach | fused | for_loop (auto: fused on CUDA, foreach on CPU)
+    muon_lr: float = 0.02  # muon: peak learning rate of the blocks' matrices
+    momentum: float = 0.95  # muon: momentum of the matrices' gradients
+    nesterov: bool = True  # muon: Nesterov momentum
+    ns_steps: int = 5  # muon: Newton-Schulz steps that orthogonalize the update
+    muon_scale: str = "spectral"  # muon: spectral (lr x sqrt(max(1, fan_out/fan_in)), transfers across widths) | adamw_rms (update RMS of AdamW's, reuse its lr)
 
 
 @dataclass
@@ -176,7 +182,7 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps; 0 = only at the end
     keep: int = 2  # committed checkpoints kept; older ones are pruned
     resume: str = "auto"  # auto | none | <step dir>
-    async_save: bool = False  # write in the background while training goes on
+    async_save: Any = "auto"  # write in the background while training goes on: true | false | auto (on for CUDA, off on CPU)
     on_corrupt: str = "fail"  # fail | previous (fall back to the previous commit)
     new_data_seed: bool = False  # on resume, draw the rest of the data order from training.seed even if it changed
     enabled: bool = True  # false: save no checkpoints
@@ -283,6 +289,22 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(key, f"unknown value {value!r}.", f"use one of {', '.join(choices)}.")
 
 
+AUTO_ON_CUDA = ("training.compile", "checkpoint.async_save")  # "auto": on for CUDA devices, off elsewhere
+
+
+def on_device(value: bool | str, device: str) -> bool:
+    """A true/false/auto setting on `device`: auto is on for CUDA, off elsewhere."""
+    return device == "cuda" if value == "auto" else bool(value)
+
+
+def resolve_auto(cfg: PretrainConfig, device: str) -> None:
+    """Turn every `auto` of `AUTO_ON_CUDA` into true or false for `device` (after `validate`)."""
+    for key in AUTO_ON_CUDA:
+        section, name = key.split(".")
+        part = getattr(cfg, section)
+        setattr(part, name, on_device(getattr(part, name), device))
+
+
 def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
     """Check values that types cannot; `dp_size` is the data-parallel degree of the layout."""
     m, t = cfg.model, cfg.training
@@ -309,8 +331,21 @@ def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
         raise ConfigError("training.seq_len", f"{t.seq_len} exceeds model.max_seq_len={m.max_seq_len}.",
                           "lower training.seq_len or raise model.max_seq_len.")
     _one_of("training.dtype", t.dtype, ("float32", "bfloat16"))
+    for key in AUTO_ON_CUDA:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(key, f"must be true, false or auto, got {value!r}.",
+                              f"set {key}=auto (on for CUDA, off on CPU), true or false.")
     _one_of("lr.schedule", cfg.lr.schedule, ("cosine", "wsd", "constant"))
-    _one_of("optim.name", cfg.optim.name, ("adamw",))
+    _one_of("optim.name", cfg.optim.name, ("adamw", "muon"))
+    _one_of("optim.muon_scale", cfg.optim.muon_scale, ("spectral", "adamw_rms"))
+    if cfg.optim.name == "muon":
+        _positive("optim.muon_lr", cfg.optim.muon_lr)
+        _positive("optim.ns_steps", cfg.optim.ns_steps)
+        if not 0.0 <= cfg.optim.momentum < 1.0:
+            raise ConfigError("optim.momentum", f"must be within [0, 1), got {cfg.optim.momentum}.",
+                              "set optim.momentum=0.95.")
     _one_of("optim.implementation", cfg.optim.implementation, ("auto", "foreach", "fused", "for_loop"))
     _one_of("data.source", cfg.data.source, ("pydoc", "text", "jsonl", "parquet", "hf", "tokens", "mix"))
     validate_sources(cfg.data)

@@ -22,30 +22,6 @@ import torch
 
 from titan.errors import StorageError
 
-# Dense peak TFLOP/s per device for bf16 (GPU tensor cores); fp32 uses the TF32 figure (half).
-GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
-# fp32 TFLOP/s per core by vector ISA (~3 GHz x 2 FMA pipes x lanes x 2 flops, rounded down).
-CPU_PEAK_TFLOPS_PER_THREAD = {"avx512f": 0.1, "avx2": 0.05}
-CPU_PEAK_FALLBACK = 0.02
-
-
-def default_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """A sensible per-device peak for MFU when `training.peak_tflops` is unset."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        bf16 = next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in name), 100.0)
-        return bf16 if dtype == torch.bfloat16 else bf16 / 2
-    return cpu_peak_per_thread() * torch.get_num_threads()
-
-
-def cpu_peak_per_thread() -> float:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    return next((v for k, v in CPU_PEAK_TFLOPS_PER_THREAD.items() if k in flags), CPU_PEAK_FALLBACK)
-
-
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this rank: allocator peak on GPU, peak resident set size on CPU."""
     if device.type == "cuda":

@@ -1,36 +1,65 @@
-"""AdamW and the learning-rate schedules (warmup + cosine, warmup-stable-decay, constant)."""
+"""The optimizer (AdamW, or Muon with AdamW) and the learning-rate schedules (warmup + cosine,
+warmup-stable-decay, constant)."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from parallel.tensors import local_device
 from titan.config import LRConfig, OptimConfig
+from titan.models.moe import Router
+from titan.muon import Muon
+
+MUON_EXCLUDED = (Router,)  # block matrices that keep AdamW: the router's few rows steer every token
+BLOCK_PARAM = re.compile(r"(?:^|\.)layers\.\d+\.")
 
 
 def group_settings(cfg: OptimConfig) -> list[dict]:
-    """Hyper-parameters of the two parameter groups: matrices (decayed), then vectors (not decayed)."""
+    """Hyper-parameters of the parameter groups in order: (with muon: the blocks' matrices under Muon,)
+    matrices (decayed), then vectors (not decayed), under AdamW."""
     common = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    return [{**common, "weight_decay": cfg.weight_decay}, {**common, "weight_decay": 0.0}]
+    adamw = [{**common, "weight_decay": cfg.weight_decay}, {**common, "weight_decay": 0.0}]
+    if cfg.name != "muon":
+        return adamw
+    muon = {"lr": cfg.muon_lr, "weight_decay": cfg.weight_decay, "momentum": cfg.momentum, "nesterov": cfg.nesterov,
+            "ns_steps": cfg.ns_steps, "scale": cfg.muon_scale, "muon": True}
+    return [muon, *adamw]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norm weights)."""
+def muon_parameters(model: nn.Module) -> set[int]:
+    """Ids of the parameters Muon steps: the blocks' matrices (stacked experts too), not the routers'."""
+    excluded = {id(p) for m in model.modules() if isinstance(m, MUON_EXCLUDED) for p in m.parameters()}
+    return {id(p) for name, p in model.named_parameters()
+            if p.ndim >= 2 and BLOCK_PARAM.search(name) and id(p) not in excluded}
+
+
+def kernel_flags(cfg: OptimConfig, device: torch.device) -> dict:
+    """torch's AdamW kernel flags for `optim.implementation`; auto: fused on CUDA (one kernel for all
+    tensors), torch's default (foreach) elsewhere."""
+    choice = cfg.implementation
+    if choice == "auto":
+        choice = "fused" if device.type == "cuda" else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}, "default": {}}[choice]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (weight decay on matrices only, not on norm weights), or Muon for the blocks' matrices and
+    AdamW for the rest."""
     params = [p for p in model.parameters() if p.requires_grad]
-    matrices, vectors = group_settings(cfg)
-    groups = [{**matrices, "params": [p for p in params if p.ndim >= 2]},
-              {**vectors, "params": [p for p in params if p.ndim < 2]}]
-    kwargs = {}
-    if cfg.implementation == "fused":
-        kwargs["fused"] = True
-    elif cfg.implementation == "foreach":
-        kwargs["foreach"] = True
-    elif cfg.implementation == "for_loop":
-        kwargs["foreach"] = False
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    kernel = kernel_flags(cfg, local_device(params[0]))
+    settings = group_settings(cfg)
+    muon = muon_parameters(model) if cfg.name == "muon" else set()
+    groups = [{**settings[-2], "params": [p for p in params if p.ndim >= 2 and id(p) not in muon]},
+              {**settings[-1], "params": [p for p in params if p.ndim < 2]}]
+    if cfg.name == "muon":
+        return Muon([{**settings[0], "params": [p for p in params if id(p) in muon]}, *groups], lr=cfg.lr,
+                    weight_decay=cfg.weight_decay, adamw_kernel=kernel)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: LRConfig) -> float:

@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import shutil
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -123,7 +124,7 @@ def test_damaged_token_shards_are_refused(tmp_path):
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((good / SHARD_META).read_text())
     assert len(meta["shards"]) > 1
-    assert all(file_record(good / s["file"]) == {"size": s["size"], "crc32": s["crc32"]} for s in meta["shards"])
+    assert all(file_record(good / s["file"]) == {"size": s["size"], "xxh3_64": s["xxh3_64"]} for s in meta["shards"])
 
     truncated, flipped = shutil.copytree(good, tmp_path / "truncated"), shutil.copytree(good, tmp_path / "flipped")
     shard, size = "tokens-00001.bin", meta["shards"][1]["size"]
@@ -135,11 +136,21 @@ def test_damaged_token_shards_are_refused(tmp_path):
                      "flipped": pretrain("tokens", flipped, tmp_path / "run-f", "data.verify_checksums=true")})
     expected = {"truncated": f"token shard {truncated / shard} is truncated or padded: {size - 6} bytes found, "
                              f"{SHARD_META} records {size}",
-                "flipped": f"token shard {flipped / shard} is altered: CRC-32"}
+                "flipped": f"token shard {flipped / shard} is altered: xxh3_64 checksum"}
     for name, proc in procs.items():
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         line = error_line(proc)
         assert expected[name] in line and "Fix: re-run `python -m recipes.prepare_data`" in line, line
+
+    # A meta.json written before XXH3-64 records CRC-32 (zlib): still checked, the altered shard still found.
+    for s in meta["shards"]:
+        del s["xxh3_64"]
+        s["crc32"] = zlib.crc32((good / s["file"]).read_bytes())
+    for folder in (good, flipped):
+        (folder / SHARD_META).write_text(json.dumps(meta))
+    assert len(load_token_shards(str(good), verify_checksums=True)[0]) == meta["num_tokens"]
+    with pytest.raises(ConfigError, match=f"{shard} is altered: crc32 checksum"):
+        load_token_shards(str(flipped), verify_checksums=True)
 
     # An older meta.json without sizes or checksums: the size is tokens x 2 bytes; checksums cannot be checked.
     for s in meta["shards"]:

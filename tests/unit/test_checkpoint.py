@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from titan.checkpoint import CheckpointManager
-from titan.checkpoint.manifest import CorruptCheckpointError, file_record, read_manifest
+from titan.checkpoint.manifest import CorruptCheckpointError, file_record, read_manifest, write_manifest
 from titan.checkpoint.resume import load_newest_intact
 from titan.checkpoint.space import OTHER, SPACE, STORAGE, classify
 from titan.checkpoint.storage import InPlaceReader, stored_tensor
@@ -98,18 +99,27 @@ def test_async_saves_in_a_row_with_a_kept_or_a_fresh_stager(tmp_path, monkeypatc
     assert CheckpointManager.load(manager.latest(), target, target_optim)["step"] == 3 and same(model, target)
 
 
+@pytest.mark.parametrize("algorithm", ["xxh3_64", "crc32"])  # new manifests; those written before 2026-12-03
 @pytest.mark.parametrize("where", [0.5, 0.0])  # tensor bytes load silently; a broken pickle fails DCP's load
-def test_load_checksums_the_shards_and_names_a_corrupt_one(tmp_path, where):
+def test_load_checksums_the_shards_and_names_a_corrupt_one(tmp_path, where, algorithm):
     manager = CheckpointManager(tmp_path, keep=2, is_writer=True)
     model, optimizer = build(0)
     manager.save(1, model, optimizer, train_state(1))
     manager.close()
     step = manager.latest()
+    records = read_manifest(step)
+    assert all(set(record) == {"size", "xxh3_64"} for record in records.values())
+    if algorithm == "crc32":  # the manifest an older version wrote: still checked, with zlib
+        write_manifest(step, {name: {"size": r["size"], "crc32": zlib.crc32((step / name).read_bytes())}
+                              for name, r in records.items()})
+    CheckpointManager.verify(step)
     target, target_optim = build(1)
     assert CheckpointManager.load(step, target, target_optim)["step"] == 1 and same(model, target)
     shard = next(step.glob("*.distcp"))
     flip_a_byte(shard, where)
     CheckpointManager.check_intact(step)  # the size is right: only the checksum can tell
+    with pytest.raises(CorruptCheckpointError, match=rf"{shard.name} is altered \({algorithm} checksum mismatch\)"):
+        CheckpointManager.verify(step)
     with pytest.raises(CorruptCheckpointError, match=shard.name):
         CheckpointManager.load(step, target, target_optim)
     shard.write_bytes(shard.read_bytes()[:-7])

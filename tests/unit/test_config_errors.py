@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from parallel.errors import LayoutError
 from parallel.mesh import ParallelDims
-from titan.config import ConfigError, PretrainConfig, validate
+from titan.config import ConfigError, PretrainConfig, resolve_auto, validate
+from titan.float8 import check_float8
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,6 +135,26 @@ def test_each_mutation_alone_is_the_only_problem():
                       data__source="jsonl", logging__wandb__mode="offline", lr__warmup_steps=0), 1, 1)
 
 
+# ---------------------------------------------------------------- training.float8
+
+def test_float8_without_torchao_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao` now fails as if it were not installed
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(ConfigError) as info:
+        check_float8(torch.device("cpu"), tp=1)
+    assert info.value.key == "training.float8" and "pip install .[float8]" in str(info.value)
+
+
+@pytest.mark.parametrize("device,tp,reason", [("cuda", 1, "compute capability 8.0"), ("cpu", 2, "tp=2")])
+def test_float8_refuses_old_gpus_and_tensor_parallelism(monkeypatch, device, tp, reason):
+    pytest.importorskip("torchao.float8", reason="training.float8 needs torchao: pip install .[float8]")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ConfigError) as info:
+        check_float8(torch.device(device), tp=tp)
+    assert info.value.key == "training.float8" and reason in str(info.value)
+
+
 # ---------------------------------------------------------------- the recipe's command line
 # Each case is a real `python -m recipes.pretrain` process. They are started together by one
 # module fixture (most of each one's time is importing torch), then checked one test per case.
@@ -217,3 +239,26 @@ def test_cli_resume_none_refuses_a_run_dir_with_checkpoints(cli_runs):
     assert_config_error(cli_runs["resume-none"], "checkpoint.resume")
     assert cli_runs["after"] == cli_runs["before"]  # checkpoint, metrics and config untouched
     assert (run_dir / "checkpoints" / "step-2" / "COMMITTED").is_file()
+
+
+@pytest.mark.parametrize("device,expected", [("cpu", False), ("cuda", True)])
+def test_auto_defaults_resolve_by_device(device, expected):
+    cfg = PretrainConfig()
+    assert cfg.training.compile == "auto" and cfg.checkpoint.async_save == "auto"
+    validate(cfg, 1, 1)
+    resolve_auto(cfg, device)
+    assert cfg.training.compile is expected and cfg.checkpoint.async_save is expected
+    cfg = PretrainConfig()
+    cfg.training.compile, cfg.checkpoint.async_save = False, True  # explicit values are kept
+    resolve_auto(cfg, device)
+    assert cfg.training.compile is False and cfg.checkpoint.async_save is True
+
+
+@pytest.mark.parametrize("key", ["training.compile", "checkpoint.async_save"])
+def test_auto_or_bool_keys_refuse_other_values(key):
+    cfg = PretrainConfig()
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, "yes")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1, 1)
+    assert err.value.key == key and "auto" in str(err.value)

@@ -50,7 +50,7 @@ def test_lock_on_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeyp
     assert len(warnings) == 1 and "does not support locks" in warnings[0]
 
 
-SAVED = {"model": {"dim": 64, "n_layers": 2}, "optim": {"lr": 0.003}, "training": {"seq_len": 64, "seed": 1},
+SAVED = {"model": {"dim": 64, "n_layers": 2}, "optim": {"lr": 0.003, "name": "adamw"}, "training": {"seq_len": 64, "seed": 1},
          "data": {"tokenizer": "byte", "source": "pydoc"}, "run": {"dir": "/a"}}
 
 
@@ -66,7 +66,8 @@ def test_resume_lists_changes_and_refuses_only_fixed_keys(tmp_path):
     now = changed(optim__lr=0.001, run__dir="/b")
     assert config_changes(SAVED, now) == [("optim.lr", 0.003, 0.001), ("run.dir", "/a", "/b")]
     check_resumable(SAVED, now, tmp_path)
-    for key, value in [("model.dim", 128), ("training.seq_len", 128), ("data.tokenizer", "tok.json")]:
+    for key, value in [("model.dim", 128), ("training.seq_len", 128), ("data.tokenizer", "tok.json"),
+                       ("optim.name", "muon")]:
         with pytest.raises(ConfigError) as info:
             check_resumable(SAVED, changed(**{key.replace(".", "__"): value}), tmp_path)
         assert info.value.key == key and repr(value) in str(info.value)

@@ -1,7 +1,11 @@
-"""Per-file sizes and checksums of a checkpoint folder, so a truncated or altered file is caught.
+"""Per-file sizes and checksums of a checkpoint folder (and of prepared token shards), so a truncated
+or altered file is caught.
 
-CRC-32 (zlib, in the standard library) is used: it is fast enough to keep saving near raw write
-speed and catches truncation and bit flips; it does not defend against deliberate tampering.
+A record names its checksum's algorithm by its key: ``{"size": n, "xxh3_64": v}``. New records use
+XXH3-64 (`xxhash`, SIMD: 11-13 GB/s on one core of the development machine, against 2.3 GB/s for
+zlib's CRC-32), so a checked resume reads at nearly the speed of an unchecked one. Records written
+before 2026-12-03 hold ``"crc32"`` (zlib) and still verify. Both catch truncation and bit flips;
+neither defends against deliberate tampering.
 """
 
 from __future__ import annotations
@@ -9,11 +13,36 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
+
+import xxhash
 
 MANIFEST = "manifest.json"
 CHUNK = 8 << 20
+CHECKSUM = "xxh3_64"  # the algorithm of new records
+
+
+class Hash(Protocol):
+    def update(self, data: Any) -> None: ...
+    def intdigest(self) -> int: ...
+
+
+class Crc32:
+    """zlib's CRC-32 as a streaming `Hash`: what older records hold."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: Any) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def intdigest(self) -> int:
+        return self.value
+
+
+HASHES: dict[str, Callable[[], Hash]] = {"xxh3_64": xxhash.xxh3_64, "crc32": Crc32}
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -25,11 +54,11 @@ class CorruptCheckpointError(RuntimeError):
 
 
 class ChecksumWriter:
-    """A binary file opened for writing that keeps the size and CRC-32 of what is written through it
+    """A binary file opened for writing that keeps the size and checksum of what is written through it
     (for a file written once, front to back, as DCP writes its shards)."""
 
     def __init__(self, raw: BinaryIO):
-        self.raw, self.size, self.crc = raw, 0, 0
+        self.raw, self.size, self.hash = raw, 0, HASHES[CHECKSUM]()
         self.error: OSError | None = None  # the first failed write's (torch.save hides it behind a RuntimeError)
 
     def write(self, data: Any) -> int:
@@ -38,24 +67,35 @@ class ChecksumWriter:
         except OSError as exc:
             self.error = self.error or exc
             raise
-        self.crc = zlib.crc32(data, self.crc)
+        self.hash.update(data)
         self.size += memoryview(data).nbytes
         return n
 
     def record(self) -> dict:
-        return {"size": self.size, "crc32": self.crc}
+        return {"size": self.size, CHECKSUM: self.hash.intdigest()}
 
     def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, close: the file's own
         return getattr(self.raw, name)
 
 
+def file_checksum(path: Path, algorithm: str = CHECKSUM) -> int:
+    """The checksum of one file's bytes, read in chunks into one reused buffer."""
+    state, buffer = HASHES[algorithm](), bytearray(CHUNK)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            state.update(view[:n])
+    return state.intdigest()
+
+
 def file_record(path: Path) -> dict:
-    """Size and CRC-32 of one file."""
-    crc = 0
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return {"size": path.stat().st_size, "crc32": crc}
+    """Size and checksum of one file, as a new record holds them."""
+    return {"size": path.stat().st_size, CHECKSUM: file_checksum(path)}
+
+
+def recorded_checksum(record: dict) -> tuple[str, int] | None:
+    """(algorithm, value) of the checksum a record holds, or None when it holds none this code reads."""
+    return next(((name, record[name]) for name in HASHES if name in record), None)
 
 
 def fsync_path(path: Path) -> None:
@@ -94,5 +134,9 @@ def verify_files(folder: Path, records: dict[str, dict], names: list[str]) -> No
     for name in names:
         path = folder / name
         check_size(path, records[name])
-        if file_record(path)["crc32"] != records[name]["crc32"]:
-            raise CorruptCheckpointError(path, "altered (checksum mismatch)")
+        recorded = recorded_checksum(records[name])
+        if recorded is None:
+            raise CorruptCheckpointError(path, f"recorded without a checksum this version reads ({', '.join(HASHES)})")
+        algorithm, value = recorded
+        if file_checksum(path, algorithm) != value:
+            raise CorruptCheckpointError(path, f"altered ({algorithm} checksum mismatch)")

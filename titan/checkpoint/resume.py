@@ -17,7 +17,7 @@ SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hid
 # What a resume may not change: the model's shape, what the token ids mean, how the corpus is cut
 # into windows (the data cursor counts windows), and the data order's seed (unless asked for).
 FIXED_KEYS = (*(f"model.{k}" for k in SHAPE_KEYS), "data.source", "data.tokenizer", "data.eot_token",
-              "training.seq_len")
+              "training.seq_len", "optim.name")  # optim.name: AdamW and Muon keep different state
 SEED_KEY = "training.seed"
 
 

@@ -51,7 +51,7 @@ STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat
 
 
 class _ChecksummingFileSystem(FileSystem):
-    """DCP's local file system, recording the size and CRC-32 of each shard file as it is written."""
+    """DCP's local file system, recording the size and checksum of each shard file as it is written."""
 
     def __init__(self) -> None:
         super().__init__()

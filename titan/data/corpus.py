@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from parallel.mesh import report_once
-from titan.checkpoint.manifest import file_record
+from titan.checkpoint.manifest import file_checksum, recorded_checksum
 from titan.config import ConfigError
 from titan.data.encoding import chunked, encode_chunk
 from titan.data.readers import arrow_documents, arrow_folder_files, open_text, parquet_documents
@@ -192,7 +192,7 @@ def read_shard_meta(folder: str, key: str = "data.path") -> dict:
 
 def load_token_shards(folder: str, verify_checksums: bool = False) -> tuple[TokenStream, dict]:
     """Memory-map the shards a prepare_data run wrote, after checking every shard's size (and, with
-    `verify_checksums`, its CRC-32: reads every shard) against meta.json; returns the stream and metadata."""
+    `verify_checksums`, its checksum: reads every shard) against meta.json; returns the stream and metadata."""
     meta = read_shard_meta(folder)
     itemsize = np.dtype(meta["dtype"]).itemsize
     for shard in meta["shards"]:
@@ -203,8 +203,8 @@ def load_token_shards(folder: str, verify_checksums: bool = False) -> tuple[Toke
 
 def check_shard(path: Path, shard: dict, itemsize: int, verify_checksum: bool) -> None:
     """Refuse a shard that is missing, of another size than meta.json records (older meta.json files
-    record no size: tokens x itemsize) or, when asked, of another CRC-32."""
-    if verify_checksum and "crc32" not in shard:
+    record no size: tokens x itemsize) or, when asked, of another checksum (XXH3-64; older ones CRC-32)."""
+    if verify_checksum and recorded_checksum(shard) is None:
         raise ConfigError("data.verify_checksums", f"{path.parent / SHARD_META} records no checksums (an older "
                           "recipes.prepare_data wrote it).", f"{_prepare_again(path.parent)}, or set data.verify_checksums=false.")
     problem = _shard_problem(path, shard, itemsize, verify_checksum)
@@ -220,9 +220,12 @@ def _shard_problem(path: Path, shard: dict, itemsize: int, verify_checksum: bool
     size = path.stat().st_size
     if size != recorded:
         return f"is truncated or padded: {size} bytes found, {SHARD_META} records {recorded}"
-    crc = file_record(path)["crc32"] if verify_checksum else None
-    if crc is not None and crc != shard["crc32"]:
-        return f"is altered: CRC-32 {crc:08x} found, {SHARD_META} records {shard['crc32']:08x} (the size matches)"
+    if not verify_checksum:
+        return None
+    algorithm, expected = recorded_checksum(shard)
+    found = file_checksum(path, algorithm)
+    if found != expected:
+        return f"is altered: {algorithm} checksum {found:x} found, {SHARD_META} records {expected:x} (the size matches)"
     return None
 
 
