@@ -8,7 +8,8 @@ One function covers the family, chosen by the mesh and `reshard_after_forward`:
   sharded over groups of that many ranks (e.g. one node), so backward all-gathers stay in the group.
 - a 2-D ``(dp_replicate, dp_shard)`` mesh: HSDP, sharded inside a group, replicated across groups
   (gradients reduce-scattered inside, all-reduced across). With ``dp_shard == 1`` this is plain DDP
-  (replicated parameters, all-reduced gradients).
+  (replicated parameters, all-reduced gradients). On gloo the all-reduce across replicas is done by
+  `parallel.replica_reduction` instead, overlapped with backward (FSDP then shards over the inside mesh).
 
 Each block is one FSDP unit (one all-gather / reduce-scatter per block), plus the root for the
 embedding, final norm and output.
@@ -56,11 +57,12 @@ def shard_experts(experts: list[nn.Module], mesh: DeviceMesh, reshard_after_forw
 
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, dp_mesh: DeviceMesh, reshard_after_forward: bool | int,
                param_dtype: torch.dtype | None, cpu_offload: bool, embedding: nn.Module | None = None,
-               head: list[nn.Module] | None = None) -> None:
+               head: list[nn.Module] | None = None) -> list[list[nn.Parameter]]:
     """Shard over `dp_mesh` (1-D: FSDP; 2-D: HSDP/DDP) the embedding, each block and the head (final
     norm + output projection) as units of their own, then the root (what is left, e.g. a weight the
     embedding and output share). Units gathered one at a time keep the peak low: the embedding's
-    and the output's full weights are never held through the whole step."""
+    and the output's full weights are never held through the whole step. Returns each unit's (sharded)
+    parameters, the root's last."""
     shard = partial(fully_shard, mesh=dp_mesh, **_policies(param_dtype, cpu_offload))
     if embedding is not None:
         shard(embedding, reshard_after_forward=reshard_after_forward)
@@ -72,3 +74,8 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, dp_mesh: DeviceMesh, res
     if head:
         shard(head, reshard_after_forward=False)
     shard(model, reshard_after_forward=False)
+    units = [*([[embedding]] if embedding is not None else []), *([block] for block in blocks.values()),
+             *([head] if head else [])]
+    owned = [[p for module in unit for p in module.parameters()] for unit in units]
+    held = {id(p) for params in owned for p in params}
+    return [*owned, [p for p in model.parameters() if id(p) not in held]]

@@ -17,6 +17,7 @@ from parallel.expert_parallel import apply_expert_parallel
 from parallel.errors import LayoutError
 from parallel.mesh import ParallelDims, dp_mesh_for_fsdp, expert_dp_mesh
 from parallel.plan import ModelPlan
+from parallel.replica_reduction import ReplicaReduction
 from parallel.tensors import tie_parameters
 from parallel.tensor_parallel import apply_tensor_parallel, check_tp_degree
 
@@ -54,9 +55,11 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
                 sequence_parallel: bool, loss_parallel: bool, reshard_after_forward: bool | int,
                 activation_checkpoint: str = "none", activation_checkpoint_every: int = 1,
                 compile: bool = False, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
-                expert_mesh: DeviceMesh | None = None) -> None:
+                expert_mesh: DeviceMesh | None = None) -> ReplicaReduction | None:
     """Parallelize `model` (still on the meta device) in place according to `dims`; `expert_mesh`
-    (`build_expert_mesh`) when dims.ep > 1."""
+    (`build_expert_mesh`) when dims.ep > 1. Returns the cross-replica gradient reduction the runner
+    must drive (`ReplicaReduction`) where HSDP/DDP reduces across replicas itself: on gloo, without
+    pipeline or expert parallelism (elsewhere FSDP's own, which overlaps on GPUs)."""
     blocks: nn.ModuleDict = model.get_submodule(plan.blocks)
     if dims.tp > 1:
         check_tp_degree(plan, dims.tp)
@@ -80,7 +83,16 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
         if dims.ep > 1:
             shard_experts([blocks[k].get_submodule(plan.experts) for k in plan.sparse_blocks if k in blocks],
                           expert_dp_mesh(expert_mesh, dims), raf, param_dtype, cpu_offload)
-        apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload, embedding, head)
+        replicas = None
+        if dims.dp_replicate > 1 and dims.pp == 1 and dims.ep == 1 and dp_mesh.device_type == "cpu":
+            replicas = ReplicaReduction(dp_mesh.get_group(0))
+            dp_mesh = dp_mesh[dp_mesh.mesh_dim_names[1]]
+        units = apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload, embedding, head)
+        if replicas is not None:
+            for params in units:
+                replicas.watch(params)
+        return replicas
+    return None
 
 
 def _separate_units(model: nn.Module, plan: ModelPlan) -> tuple[nn.Module | None, list[nn.Module]]:

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
     with config_errors():
         dims = resolve_dims(cfg, env)
         validate(cfg, env.world_size, dims.dp_size)
-        resolve_auto(cfg, env.device.type)
+        automatic = resolve_auto(cfg, env.device.type)
         check_layout(cfg, dims, env.device)
         check_faults(cfg.debug, cfg.training.steps, env.world_size)
         check_hang(cfg.debug, cfg.training.steps, env.world_size)
@@ -136,6 +136,8 @@ def main(argv: list[str]) -> None:
     dtype = torch.bfloat16 if cfg.training.dtype == "bfloat16" else torch.float32
     peak = device_peak(device, dtype, torch.get_num_threads(), cfg.training.peak_tflops)
     log(peak.describe())
+    if automatic:
+        log(f"auto settings on {device.type}: {', '.join(automatic)}")
     throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.training.seq_len), env.world_size, peak.tflops)
 
     def save(s: TrainState) -> None:

@@ -25,6 +25,7 @@ from parallel.mesh import (DistEnv, ParallelDims, build_expert_mesh, build_mesh,
                            loss_group)
 from parallel.parallelize import parallelize
 from parallel.plan import ModelPlan
+from parallel.replica_reduction import ReplicaReduction
 from parallel.pipeline import (V_SHAPED, PipelineLayout, SideInputs, StageUnion, build_schedule, plan_stages,
                                stage_module)
 from parallel.tensor_parallel import check_tp_degree
@@ -135,11 +136,11 @@ def pipeline_microbatches(cfg: PretrainConfig, dims: ParallelDims, layout: Pipel
 
 
 def _parallelize_part(part: nn.Module, cfg: PretrainConfig, layout: Layout, use_loss_parallel: bool,
-                      device: torch.device) -> None:
+                      device: torch.device) -> ReplicaReduction | None:
     """(float8) -> TP -> activation checkpointing -> compile -> FSDP on one model part, then materialize and init."""
     if cfg.training.float8:
         convert_to_float8(part, part.plan(), device, fsdp=layout.dims.fsdp_size > 1)
-    parallelize(part, part.plan(), dims=layout.dims, mesh=layout.mesh, expert_mesh=layout.expert_mesh,
+    replicas = parallelize(part, part.plan(), dims=layout.dims, mesh=layout.mesh, expert_mesh=layout.expert_mesh,
                 sequence_parallel=cfg.parallel.sequence_parallel,
                 loss_parallel=use_loss_parallel, reshard_after_forward=cfg.parallel.reshard_after_forward,
                 activation_checkpoint=cfg.training.activation_checkpoint,
@@ -151,6 +152,7 @@ def _parallelize_part(part: nn.Module, cfg: PretrainConfig, layout: Layout, use_
     init_weights(part, cfg.model, cfg.training.seed)
     if cfg.model.init_from:
         load_pretrained(part, Path(cfg.model.init_from))
+    return replicas
 
 
 def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.device,
@@ -168,9 +170,9 @@ def build_parallel_model(cfg: PretrainConfig, layout: Layout, device: torch.devi
     model = build_model(cfg.model)
     runner: StepRunner
     if dims.pp == 1:
-        _parallelize_part(model, cfg, layout, use_loss_parallel, device)
+        replicas = _parallelize_part(model, cfg, layout, use_loss_parallel, device)
         runner = MicroBatchRunner(model, device, tokens_per_step, dims.fsdp_size, autocast_dtype, loss_context,
-                                  _to_local, inputs)
+                                  _to_local, inputs, replicas)
     else:
         model, runner = _build_pipeline(model, cfg, layout, device, use_loss_parallel, tokens_per_step,
                                         autocast_dtype, loss_context, inputs)

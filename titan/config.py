@@ -297,12 +297,17 @@ def on_device(value: bool | str, device: str) -> bool:
     return device == "cuda" if value == "auto" else bool(value)
 
 
-def resolve_auto(cfg: PretrainConfig, device: str) -> None:
-    """Turn every `auto` of `AUTO_ON_CUDA` into true or false for `device` (after `validate`)."""
+def resolve_auto(cfg: PretrainConfig, device: str) -> list[str]:
+    """Turn every `auto` of `AUTO_ON_CUDA` into true or false for `device` (after `validate`); returns
+    what each `auto` became, as `key=value`."""
+    resolved = []
     for key in AUTO_ON_CUDA:
         section, name = key.split(".")
         part = getattr(cfg, section)
-        setattr(part, name, on_device(getattr(part, name), device))
+        if getattr(part, name) == "auto":
+            setattr(part, name, on_device("auto", device))
+            resolved.append(f"{key}={str(getattr(part, name)).lower()}")
+    return resolved
 
 
 def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:

@@ -21,6 +21,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from parallel.context_parallel import shard_sequence
 from parallel.pipeline import SideInputs
+from parallel.replica_reduction import ReplicaReduction
 from titan.data.packing import document_ids, positions_in_documents
 from titan.models.moe import auxiliary_loss_scale
 
@@ -102,9 +103,11 @@ class MicroBatchRunner:
 
     def __init__(self, model: nn.Module, device: torch.device, tokens_per_step: int, dp_size: int,
                  autocast_dtype: torch.dtype | None, loss_context: Callable[[], AbstractContextManager], to_local: ToLocal,
-                 inputs: InputLayout = InputLayout()):
-        """`dp_size`: the ranks whose gradients the data-parallel reduction averages (dp x cp)."""
+                 inputs: InputLayout = InputLayout(), replicas: ReplicaReduction | None = None):
+        """`dp_size`: the ranks whose gradients the data-parallel reduction averages (dp x cp);
+        `replicas`: the cross-replica reduction to start in the last backward and finish after it."""
         self.model, self.device, self.tokens_per_step, self.dp_size = model, device, tokens_per_step, dp_size
+        self.replicas = replicas
         self.autocast_dtype, self.loss_context, self.to_local = autocast_dtype, loss_context, to_local
         self.inputs, self.sequence_losses = inputs, SequenceLosses()
 
@@ -116,11 +119,15 @@ class MicroBatchRunner:
 
     def train(self, batches: list[dict]) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
-        for batch in batches:
+        for position, batch in enumerate(batches):
+            if self.replicas is not None and position == len(batches) - 1:
+                self.replicas.arm()
             with self.loss_context(), auxiliary_loss_scale(self.dp_size / self.tokens_per_step):
                 part = self._loss_sum(batch) / self.tokens_per_step
                 (part * self.dp_size).backward()
             total += self.to_local(part.detach())
+        if self.replicas is not None:
+            self.replicas.finish()
         return total
 
     def eval(self, batches: list[dict]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -32,6 +33,8 @@ def test_debug_run_learns_and_writes_contract_files(tmp_path):
     assert "${" not in (run_dir / "config.yaml").read_text()
     assert (run_dir / "checkpoints" / "step-30" / "COMMITTED").is_file()
     assert str(run_dir) in proc.stdout
+    assert "auto settings on cpu: training.compile=false, checkpoint.async_save=false" in proc.stdout
+    assert re.search(r"MFU peak [\d.]+ TFLOP/s per rank: 1 thread\(s\) x [\d.]+ GHz x \d+ fp32 FLOP/cycle", proc.stdout)
 
 
 def test_resume_on_same_layout_matches_uninterrupted_run(tmp_path):

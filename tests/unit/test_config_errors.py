@@ -246,11 +246,12 @@ def test_auto_defaults_resolve_by_device(device, expected):
     cfg = PretrainConfig()
     assert cfg.training.compile == "auto" and cfg.checkpoint.async_save == "auto"
     validate(cfg, 1, 1)
-    resolve_auto(cfg, device)
+    said = str(expected).lower()
+    assert resolve_auto(cfg, device) == [f"training.compile={said}", f"checkpoint.async_save={said}"]
     assert cfg.training.compile is expected and cfg.checkpoint.async_save is expected
     cfg = PretrainConfig()
     cfg.training.compile, cfg.checkpoint.async_save = False, True  # explicit values are kept
-    resolve_auto(cfg, device)
+    assert resolve_auto(cfg, device) == []
     assert cfg.training.compile is False and cfg.checkpoint.async_save is True
 
 
