@@ -17,7 +17,7 @@ from parallel.expert_parallel import apply_expert_parallel
 from parallel.errors import LayoutError
 from parallel.mesh import ParallelDims, dp_mesh_for_fsdp, expert_dp_mesh
 from parallel.plan import ModelPlan
-from parallel.replica_reduction import ReplicaReduction
+from parallel.replica_reduction import ReplicaReduction, reduces_replicas_itself
 from parallel.tensors import tie_parameters
 from parallel.tensor_parallel import apply_tensor_parallel, check_tp_degree
 
@@ -84,7 +84,7 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
             shard_experts([blocks[k].get_submodule(plan.experts) for k in plan.sparse_blocks if k in blocks],
                           expert_dp_mesh(expert_mesh, dims), raf, param_dtype, cpu_offload)
         replicas = None
-        if dims.dp_replicate > 1 and dims.pp == 1 and dims.ep == 1 and dp_mesh.device_type == "cpu":
+        if reduces_replicas_itself(dims, dp_mesh.device_type):
             replicas = ReplicaReduction(dp_mesh.get_group(0))
             dp_mesh = dp_mesh[dp_mesh.mesh_dim_names[1]]
         units = apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload, embedding, head)

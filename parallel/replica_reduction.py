@@ -19,7 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.mesh import ParallelDims
 from parallel.tensors import local_tensor
+
+
+def reduces_replicas_itself(dims: ParallelDims, device_type: str) -> bool:
+    """Whether the cross-replica reduction is this module's (once per step, overlapped) rather than
+    FSDP's (every micro-batch): HSDP or DDP on gloo, without pipeline or expert parallelism."""
+    return dims.dp_replicate > 1 and dims.pp == 1 and dims.ep == 1 and device_type == "cpu"
 
 
 @dataclass

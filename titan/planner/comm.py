@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from parallel.costs import cp_bytes, ep_bytes, fsdp_bytes, replicate_bytes, tp_bytes
+from parallel.replica_reduction import reduces_replicas_itself
 from titan.planner.facts import ModelFacts
 from titan.planner.layout import PlannedLayout
 from titan.planner.memory import FP32, _unit_shard
@@ -31,8 +32,8 @@ def fsdp_dim(dp_shard: int, cp: int) -> str:
     return "cp" if dp_shard == 1 else "dp_shard_cp"
 
 
-def step_traffic(facts: ModelFacts, layout: PlannedLayout, pp_rank: int) -> list[DimTraffic]:
-    """Every dimension's bytes in one optimizer step on a rank of pp rank `pp_rank`."""
+def step_traffic(facts: ModelFacts, layout: PlannedLayout, pp_rank: int, device: str) -> list[DimTraffic]:
+    """Every dimension's bytes in one optimizer step on a rank of pp rank `pp_rank` of a `device` cluster."""
     cfg, dims = layout.cfg, layout.dims
     p, m, t = cfg.parallel, cfg.model, cfg.training
     act = 2 if t.dtype == "bfloat16" else FP32
@@ -82,10 +83,11 @@ def step_traffic(facts: ModelFacts, layout: PlannedLayout, pp_rank: int) -> list
                                    reshard is not False)
             e_main += (k - 1) * (FP32 - gathered) * total(parts.units, True, k)
             add("expert_shard", "expert_shard", micro * e_main, micro * 3 * expert_units, True)
-        if dims.dp_replicate > 1:
+        if dims.dp_replicate > 1:  # FSDP's reduction runs every micro-batch, ours once a step
             grads = FP32 * (total(parts.units, False, n) + total(parts.units, True, k))
-            add("dp_replicate", "dp_replicate", micro * replicate_bytes(grads, dims.dp_replicate),
-                micro * (units_count + expert_units), True)
+            reductions = 1 if reduces_replicas_itself(dims, device) else micro
+            add("dp_replicate", "dp_replicate", reductions * replicate_bytes(grads, dims.dp_replicate),
+                reductions * (units_count + expert_units), True)
     if dims.pp > 1:
         x = tokens * m.dim * act
         boundaries = sum((not s.first) + (not s.last) for s in parts.stages)

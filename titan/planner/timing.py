@@ -125,7 +125,7 @@ def predict_time(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
                 flops += tokens * 6 * m.dim * m.vocab_size / dims.tp
         dtensor_ops = ops if dims.tp > 1 else 0.0
         ops += OPS_PER_UNIT * sum(c for _, _, c in parts.units) if dims.fsdp_size > 1 else 0
-        traffic = step_traffic(facts, layout, r)
+        traffic = step_traffic(facts, layout, r, cluster.device)
         blocking = sum(collective_seconds(x.bytes, x.collectives, *link(x.group, layout, cluster))
                        for x in traffic if not x.overlapped) / layout.microbatches
         work = (flops + attention / cluster.attention_efficiency) / rate
