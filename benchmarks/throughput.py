@@ -9,8 +9,8 @@ each in its own fresh process:
 A) ``recipe``: ``python -m recipes.pretrain`` itself; tokens/s is read from ``metrics.jsonl``
    (``logging.log_interval=1``), i.e. exactly what the recipe reports to its users.
 B) ``minimal``: the smallest honest loop around the same ``titan.models.llama.Llama`` (built and
-   initialized as the recipe does): AdamW with the same groups and hyper-parameters (torch's default
-   implementation, as the recipe's ``optim.implementation=auto``), cross-entropy, gradient
+   initialized as the recipe does): AdamW with the same groups and hyper-parameters (torch's fused
+   kernel, as the recipe's ``optim.implementation=auto``), cross-entropy, gradient
    accumulation, gradient clipping, one ``loss.item()`` per step.
 C) ``hf``: ``transformers.LlamaForCausalLM`` with the equivalent ``LlamaConfig`` (same sizes, rope
    theta and norm eps; sdpa attention, float32, embeddings tied only where the titan config ties
@@ -82,13 +82,14 @@ def fixed_batches(vocab: int, num: int, micro_batch: int, seq_len: int, seed: in
 
 
 def adamw(model, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8):
-    """AdamW with the recipe's defaults: decay on matrices, none on vectors; torch's default impl."""
+    """AdamW with the recipe's defaults: decay on matrices, none on vectors; the fused kernel (the
+    recipe's `auto`, and what Hugging Face's Trainer defaults to), so all three step alike."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def train_loop(model, logits_of, args, vocab: int, out) -> None:

@@ -135,7 +135,7 @@ class OptimConfig:
     beta1: float = 0.9  # Adam first-moment decay
     beta2: float = 0.95  # Adam second-moment decay
     eps: float = 1e-8  # Adam denominator epsilon
-    implementation: str = "auto"  # auto | foreach | fused | for_loop (auto: fused on CUDA, foreach on CPU)
+    implementation: str = "auto"  # auto | foreach | fused | for_loop (auto: fused, on CUDA and CPU)
     muon_lr: float = 0.02  # muon: peak learning rate of the blocks' matrices
     momentum: float = 0.95  # muon: momentum of the matrices' gradients
     nesterov: bool = True  # muon: Nesterov momentum

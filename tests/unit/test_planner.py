@@ -100,7 +100,8 @@ def test_plan_json_is_consistent():
     assert plan["time"]["step_s"] > 0 and 0 < plan["time"]["mfu"] < 1
 
 
-@pytest.mark.parametrize("extra", [[], ["training.activation_checkpoint=full", "training.micro_batch_size=2"]])
+@pytest.mark.parametrize("extra", [[], ["training.activation_checkpoint=full", "training.micro_batch_size=2"],
+                                   ["optim=muon"]])
 def test_memory_prediction_within_10_percent_of_a_measured_rank(extra, tmp_path):
     """One rank, the real trainer under torch's MemTracker (`benchmarks.memory_worker`) against the
     plan's peak without the runtime part (which only RSS sees)."""
@@ -143,3 +144,13 @@ def dispatched_ops(cfg: ModelConfig) -> int:
 def test_ops_per_block_match_a_dispatched_block(moe):
     cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden_dim=128, max_seq_len=64, moe=moe)
     assert dispatched_ops(cfg) == pytest.approx(OPS_PER_BLOCK[bool(moe.n_experts)], rel=0.05)
+
+
+def test_muon_keeps_one_moment_for_the_block_matrices():
+    register_schemas()
+    adamw, muon = (OmegaConf.to_object(compose_config("pretrain", ["model=debug", "cluster=cpu", *extra]))
+                   for extra in ([], ["optim=muon"]))
+    matrices = sum(p.numel() for name, p in build_model(adamw.model).named_parameters()
+                   if p.ndim >= 2 and name.startswith("layers."))
+    saved = make_plan(adamw, adamw.cluster, 1).memory[0].optimizer - make_plan(muon, muon.cluster, 1).memory[0].optimizer
+    assert saved == 4 * matrices

@@ -11,6 +11,7 @@ from torch import nn
 from parallel.plan import ModelPlan
 from titan.config import ModelConfig
 from titan.models import build_model
+from titan.optim import muon_parameters
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Param:
     shape: tuple[int, ...]
     tp_dim: int | None = None
     expert: bool = False
+    muon: bool = False  # stepped by Muon under optim=muon (one moment instead of AdamW's two)
 
     def local_shape(self, tp: int, ep: int) -> tuple[int, ...]:
         shape = list(self.shape)
@@ -113,15 +115,16 @@ def _read_facts(cfg: ModelConfig) -> ModelFacts:
     plan = model.plan()
     blocks: nn.ModuleDict = model.get_submodule(plan.blocks)
     in_blocks = {id(p) for p in blocks.parameters()}
+    muon = muon_parameters(model)
     built = []
     for key, block in blocks.items():
         experts_path = plan.experts if key in plan.sparse_blocks else None
         dense, experts = [], []
         for name, p in block.named_parameters():
             if experts_path and name.startswith(experts_path + "."):
-                experts.append(Param(tuple(p.shape), None, expert=True))
+                experts.append(Param(tuple(p.shape), None, expert=True, muon=id(p) in muon))
             else:
-                dense.append(Param(tuple(p.shape), _tp_dim(name, plan, key)))
+                dense.append(Param(tuple(p.shape), _tp_dim(name, plan, key), muon=id(p) in muon))
         built.append(Block(int(key), interned(tuple(dense)), interned(tuple(experts))))
 
     def unit(*paths: str) -> Unit:

@@ -30,7 +30,7 @@ class RankMemory:
     pp_rank: int
     params: float  # fp32 parameter shards
     grads: float  # fp32 gradient shards (present at the peak, see `phase`)
-    optimizer: float  # AdamW moments
+    optimizer: float  # AdamW moments (Muon's momentum for its matrices under optim=muon)
     activations: float  # saved for backward, all micro-batches in flight
     transient: float  # logits and their gradients in the loss backward, or a block being recomputed, or the optimizer's temporaries
     gathered: float  # FSDP: unsharded units kept or prefetched, gradient and reduce-scatter buffers
@@ -121,6 +121,8 @@ def _rank_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
 
     params = FP32 * sum(n * _unit_shard(u, tp, ep, shards[e]) for u, e, n in parts.units)
     optimizer = ADAM_MOMENTS * params
+    if cfg.optim.name == "muon":  # Muon keeps one moment (its momentum) where AdamW keeps two
+        optimizer -= FP32 * sum(n * sum(q.elements(tp, ep, shards[e]) for q in u if q.muon) for u, e, n in parts.units)
     largest = max(_largest_param(u, tp, ep, shards[e]) for u, e, _ in parts.units)
     opt_temp = FP32 * (params / FP32 if cluster.device == "cuda" else 2 * largest)  # foreach vs per-tensor AdamW
 
