@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from parallel.plan import ModelPlan
 from titan.config import ConfigError
 
+
 def check_float8(device: torch.device, tp: int) -> None:
     """Refuse float8 where it cannot run: torchao missing, a GPU without float8 matmuls, tensor parallelism."""
     try:
