@@ -55,15 +55,17 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
                 sequence_parallel: bool, loss_parallel: bool, reshard_after_forward: bool | int,
                 activation_checkpoint: str = "none", activation_checkpoint_every: int = 1,
                 compile: bool = False, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
-                expert_mesh: DeviceMesh | None = None) -> ReplicaReduction | None:
+                expert_mesh: DeviceMesh | None = None, linear_styles: tuple[type, type] | None = None
+                ) -> ReplicaReduction | None:
     """Parallelize `model` (still on the meta device) in place according to `dims`; `expert_mesh`
-    (`build_expert_mesh`) when dims.ep > 1. Returns the cross-replica gradient reduction the runner
+    (`build_expert_mesh`) when dims.ep > 1; `linear_styles`: the blocks' linears' column- and
+    row-wise TP styles when they are not plain linears (float8). Returns the cross-replica gradient reduction the runner
     must drive (`ReplicaReduction`) where HSDP/DDP reduces across replicas itself: on gloo, without
     pipeline or expert parallelism (elsewhere FSDP's own, which overlaps on GPUs)."""
     blocks: nn.ModuleDict = model.get_submodule(plan.blocks)
     if dims.tp > 1:
         check_tp_degree(plan, dims.tp)
-        apply_tensor_parallel(model, plan, mesh["tp"], sequence_parallel, loss_parallel)
+        apply_tensor_parallel(model, plan, mesh["tp"], sequence_parallel, loss_parallel, linear_styles)
         tie_parameters(model, plan.tied)  # TP replaced each module's parameter separately
     if dims.ep > 1:
         apply_expert_parallel(blocks, plan, expert_mesh["ep"])

@@ -34,8 +34,10 @@ def check_tp_degree(plan: ModelPlan, tp: int) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, plan: ModelPlan, tp_mesh: DeviceMesh, sequence_parallel: bool,
-                          loss_parallel: bool) -> None:
-    """Shard the model's linears, embedding and output over `tp_mesh` in place."""
+                          loss_parallel: bool, linear_styles: tuple[type, type] | None = None) -> None:
+    """Shard the model's linears, embedding and output over `tp_mesh` in place; `linear_styles`: the
+    column- and row-wise styles of the blocks' linears where they are not torch's (float8 linears)."""
+    colwise, rowwise = linear_styles or (ColwiseParallel, RowwiseParallel)
     residual = Shard(1) if sequence_parallel else Replicate()
     top = {
         plan.embedding: RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
@@ -49,8 +51,8 @@ def apply_tensor_parallel(model: nn.Module, plan: ModelPlan, tp_mesh: DeviceMesh
     blocks: nn.ModuleDict = model.get_submodule(plan.blocks)
     for key, block in blocks.items():
         block_plan = plan.block_plan(key)
-        layer_plan: dict = {name: ColwiseParallel() for name in block_plan.colwise}
-        layer_plan.update({name: RowwiseParallel(output_layouts=residual) for name in block_plan.rowwise})
+        layer_plan: dict = {name: colwise() for name in block_plan.colwise}
+        layer_plan.update({name: rowwise(output_layouts=residual) for name in block_plan.rowwise})
         if sequence_parallel:
             layer_plan.update({name: SequenceParallel() for name in block_plan.norms})
         # Enter attention / MLP with a Replicate DTensor (gathered from the sequence shard under SP):

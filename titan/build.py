@@ -31,7 +31,7 @@ from parallel.pipeline import (V_SHAPED, PipelineLayout, SideInputs, StageUnion,
 from parallel.tensor_parallel import check_tp_degree
 from titan.checkpoint.hf import check_init_from, load_pretrained
 from titan.config import ConfigError, PretrainConfig, on_device
-from titan.float8 import check_float8, convert_to_float8
+from titan.float8 import check_float8, convert_to_float8, tp_styles
 from titan.models import Llama, build_model, flops_per_token, init_weights
 from titan.runners import InputLayout, MicroBatchRunner, PipelineRunner, ScaledTokenLoss, StepRunner
 from titan.trainer import ParallelContext
@@ -90,7 +90,7 @@ def check_layout(cfg: PretrainConfig, dims: ParallelDims, device: torch.device, 
     if cfg.model.init_from:
         check_init_from(cfg.model)
     if cfg.training.float8:
-        check_float8(device, dims.tp)
+        check_float8(device, cfg.parallel.sequence_parallel and dims.tp > 1)
     if dims.tp > 1:
         check_tp_degree(plan, dims.tp)
     if dims.cp > 1:
@@ -147,7 +147,7 @@ def _parallelize_part(part: nn.Module, cfg: PretrainConfig, layout: Layout, use_
                 activation_checkpoint_every=cfg.training.activation_checkpoint_every,
                 compile=on_device(cfg.training.compile, device.type),
                 param_dtype=torch.bfloat16 if cfg.training.dtype == "bfloat16" else None,
-                cpu_offload=cfg.parallel.cpu_offload)
+                cpu_offload=cfg.parallel.cpu_offload, linear_styles=tp_styles() if cfg.training.float8 else None)
     part.to_empty(device="cpu" if cfg.parallel.cpu_offload else device)
     init_weights(part, cfg.model, cfg.training.seed)
     if cfg.model.init_from:

@@ -7,7 +7,8 @@ The conversion swaps `nn.Linear` for torchao's `Float8Linear` on the plain model
 parallelism; parameter names and values are those of `nn.Linear`, so checkpoints load into runs
 with or without float8. Under FSDP the weights are all-gathered in float8, and their scales are
 computed in one all-reduce after each optimizer step (and after each load) instead of one per weight.
-On the CPU the float8 matmuls are emulated: functional and slow, for tests only.
+Under tensor parallelism the linears take torchao's float8 styles (inputs cast to float8 before their
+all-gather); with sequence parallelism those all-gathers carry float8, which gloo cannot. On the CPU the float8 matmuls are emulated: functional and slow, for tests only.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from parallel.plan import ModelPlan
 from titan.config import ConfigError
 
 
-def check_float8(device: torch.device, tp: int) -> None:
-    """Refuse float8 where it cannot run: torchao missing, a GPU without float8 matmuls, tensor parallelism."""
+def check_float8(device: torch.device, sequence_parallel: bool = False) -> None:
+    """Refuse float8 where it cannot run: torchao missing, a GPU without float8 matmuls, sequence
+    parallelism on gloo (its float8 all-gathers need NCCL; gloo has no float8 type)."""
     try:
         import torchao.float8  # noqa: F401
     except ImportError as exc:
@@ -32,10 +34,10 @@ def check_float8(device: torch.device, tp: int) -> None:
         raise ConfigError("training.float8", f"{torch.cuda.get_device_name(device)} (compute capability "
                           f"{major}.{minor}) has no float8 matmuls; they need 8.9 or newer (Ada, Hopper, Blackwell).",
                           "run on such a GPU, or set training.float8=false.")
-    if tp > 1:
-        raise ConfigError("training.float8", f"float8 linears are not wired into tensor parallelism (tp={tp}) yet.",
-                          "set parallel.tp=1 (FSDP/HSDP, pipeline and context parallelism work with float8), "
-                          "or training.float8=false.")
+    if sequence_parallel and device.type == "cpu":
+        raise ConfigError("training.float8", "float8 with sequence parallelism all-gathers float8 tensors, which "
+                          "gloo (the CPU backend) cannot carry.",
+                          "set parallel.sequence_parallel=false (float8 with plain TP works on CPU), or run on GPUs.")
 
 
 def convert_to_float8(model: nn.Module, plan: ModelPlan, device: torch.device, fsdp: bool) -> None:
@@ -51,6 +53,13 @@ def convert_to_float8(model: nn.Module, plan: ModelPlan, device: torch.device, f
     if fsdp:
         for name in names:
             model.get_submodule(name).register_state_dict_post_hook(_plain_weight)
+
+
+def tp_styles() -> tuple[type, type]:
+    """Tensor-parallel styles of float8 linears: their inputs are cast to float8 before the all-gather."""
+    from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
+
+    return Float8ColwiseParallel, Float8RowwiseParallel
 
 
 def _plain_weight(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

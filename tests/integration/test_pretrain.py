@@ -89,7 +89,8 @@ def test_installed_package_runs_from_any_directory(tmp_path):
 
 def test_float8_fsdp_run_learns_and_resumes_without_float8(tmp_path):
     """float8 block linears under 2-rank FSDP (float8 all-gathers), then a one-process resume with
-    float8 off: the checkpoint holds the plain keys and tensors (this process never imports torchao)."""
+    float8 off: the checkpoint holds the plain keys and tensors (this process never imports torchao);
+    then the same run under tp2."""
     pytest.importorskip("torchao.float8", reason="training.float8 needs torchao: pip install .[float8]")
     common = [*FAST, "logging.log_interval=5", "eval.interval=0", f"run.dir={tmp_path}"]
     proc = run_torchrun(2, "recipes.pretrain", [*common, "training.steps=15", "training.float8=true"])
@@ -104,3 +105,10 @@ def test_float8_fsdp_run_learns_and_resumes_without_float8(tmp_path):
     keys = {step: set(FileSystemReader(tmp_path / "checkpoints" / f"step-{step}").read_metadata().state_dict_metadata)
             for step in (15, 20)}
     assert keys[15] == keys[20] and "model.layers.0.attention.wq.weight" in keys[15]
+    # Tensor parallelism with torchao's float8 styles: the FSDP run's curve (float8 rounding apart).
+    tp_dir = tmp_path / "tp2"
+    proc = run_torchrun(2, "recipes.pretrain", [*common[:-1], "training.steps=15", "training.float8=true",
+                                                "parallel.tp=2", "checkpoint.enabled=false", f"run.dir={tp_dir}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "float8: 14 block linears (on this rank)" in proc.stdout  # each tp rank holds a shard of all 14
+    assert [r["loss"] for r in read_metrics(tp_dir)] == pytest.approx([r["loss"] for r in rows], rel=1e-3)

@@ -141,18 +141,20 @@ def test_float8_without_torchao_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao` now fails as if it were not installed
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(ConfigError) as info:
-        check_float8(torch.device("cpu"), tp=1)
+        check_float8(torch.device("cpu"))
     assert info.value.key == "training.float8" and "pip install .[float8]" in str(info.value)
 
 
-@pytest.mark.parametrize("device,tp,reason", [("cuda", 1, "compute capability 8.0"), ("cpu", 2, "tp=2")])
-def test_float8_refuses_old_gpus_and_tensor_parallelism(monkeypatch, device, tp, reason):
+def test_float8_refuses_gpus_without_float8_matmuls_and_sequence_parallel_on_gloo(monkeypatch):
     pytest.importorskip("torchao.float8", reason="training.float8 needs torchao: pip install .[float8]")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(ConfigError) as info:
-        check_float8(torch.device(device), tp=tp)
-    assert info.value.key == "training.float8" and reason in str(info.value)
+        check_float8(torch.device("cuda"))
+    assert info.value.key == "training.float8" and "compute capability 8.0" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        check_float8(torch.device("cpu"), sequence_parallel=True)
+    assert info.value.key == "training.float8" and "parallel.sequence_parallel=false" in str(info.value)
 
 
 # ---------------------------------------------------------------- the recipe's command line
