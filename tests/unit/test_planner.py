@@ -101,7 +101,7 @@ def test_plan_json_is_consistent():
 
 
 @pytest.mark.parametrize("extra", [[], ["training.activation_checkpoint=full", "training.micro_batch_size=2"],
-                                   ["optim=muon"]])
+                                   ["optim=muon"], ["training.activation_checkpoint=op"]])
 def test_memory_prediction_within_10_percent_of_a_measured_rank(extra, tmp_path):
     """One rank, the real trainer under torch's MemTracker (`benchmarks.memory_worker`) against the
     plan's peak without the runtime part (which only RSS sees)."""

@@ -9,7 +9,8 @@ its output gathered whole for the linears; attention keeps q, its output, k and 
 cp ranks) and one log-sum-exp per head; the SwiGLU keeps four hidden-wide tensors; an MoE layer keeps
 each routed copy's input and output and four expert-hidden tensors, the shared experts' four, and
 the router's scores. Tensor parallelism splits heads and hidden widths. Activation checkpointing
-keeps only a checkpointed block's input and recomputes the block during its backward."""
+keeps only a checkpointed block's input and recomputes the block during its backward; by operator
+(`op`), every block keeps its input and its matmul and attention outputs and recomputes the rest."""
 
 from __future__ import annotations
 
@@ -58,6 +59,22 @@ def block_activations(sparse: bool, m: ModelConfig, tokens: int, tp: int, sp: bo
     shared = tokens * 4 * e.n_shared_experts * e.hidden_dim * act
     router = tokens * (3 * e.n_experts * FP32 + (d * FP32 if act != FP32 else 0))
     return norms + attention + routed + shared + router
+
+
+def block_op_saved(sparse: bool, m: ModelConfig, tokens: int, tp: int, sp: bool, act: int) -> float:
+    """Bytes a block keeps under `activation_checkpoint=op`: its input (for the recompute) and the
+    outputs of its matmuls and attention: q, k, v (local, before any cp gather), the attention output
+    and its log-sum-exp, the output projection's, and w1, w3, w2's (per routed copy and shared expert
+    in an MoE layer, plus the router's fp32 logits)."""
+    d, head_dim = m.dim, m.dim // m.n_heads
+    kv = m.n_kv_heads * head_dim
+    kept_input = d * act / (tp if sp else 1)
+    attention = (2 * d + 2 * kv) * act / tp + FP32 * m.n_heads / tp + d * act
+    if not sparse:
+        return tokens * (kept_input + attention + (2 * m.ffn_hidden_dim / tp + d) * act)
+    e = m.moe
+    experts = (e.top_k + e.n_shared_experts) * (2 * e.hidden_dim + d) * act
+    return tokens * (kept_input + attention + experts + e.n_experts * FP32)
 
 
 def block_backward_transient(sparse: bool, m: ModelConfig, tokens: int, tp: int, act: int) -> float:
@@ -128,6 +145,7 @@ def _rank_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
 
     tokens = layout.local_tokens
     whole = {sparse: block_activations(sparse, m, tokens, tp, sp, dims.cp, act) for sparse in (False, True)}
+    op_kept = {sparse: block_op_saved(sparse, m, tokens, tp, sp, act) for sparse in (False, True)}
     kept_input = tokens * m.dim * act / (tp if sp else 1)
     saved_loss, loss_peak = loss_bytes(m, tokens, tp, p.loss_parallel)
     stage_acts, backward_extra = [], []
@@ -135,7 +153,10 @@ def _rank_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
         saved, recompute, gradients = 0.0, 0.0, 0.0
         for position, block in enumerate(stage.blocks):
             gradients = max(gradients, block_backward_transient(block.sparse, m, tokens, tp, act))
-            if checkpointed(t, position):
+            if t.activation_checkpoint == "op":
+                saved += op_kept[block.sparse]
+                recompute = max(recompute, max(0.0, whole[block.sparse] - op_kept[block.sparse]))
+            elif checkpointed(t, position):
                 saved += kept_input
                 recompute = max(recompute, whole[block.sparse])
             else:

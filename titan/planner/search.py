@@ -11,7 +11,7 @@ from parallel.errors import LayoutError
 from titan.config import ClusterConfig, ConfigError, PretrainConfig
 from titan.planner.plan import Plan, make_plan, world_size
 
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "op", "selective", "full")
 MAX_TP, MAX_PP, MAX_CP, MAX_MICRO_BATCH = 8, 32, 8, 16
 MIN_CP_TOKENS = 1024  # context parallelism below this many local tokens only adds traffic
 

@@ -16,7 +16,7 @@ from titan.models import flops_per_token
 from titan.planner.comm import step_traffic
 from titan.planner.facts import ModelFacts
 from titan.planner.layout import PlannedLayout
-from titan.planner.memory import FP32, _unit_shard, block_activations, checkpointed
+from titan.planner.memory import FP32, _unit_shard, block_activations, block_op_saved, checkpointed
 from titan.planner.parts import rank_parts
 from titan.report import STAGE_COSTS, replay
 
@@ -113,6 +113,7 @@ def predict_time(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
         flops = attention = acts = ops = 0.0
         cost = {sparse: block_flops(sparse, m, t.seq_len) for sparse in (False, True)}
         whole = {sparse: block_activations(sparse, m, tokens, dims.tp, sp, dims.cp, act) for sparse in (False, True)}
+        kept = {sparse: block_op_saved(sparse, m, tokens, dims.tp, sp, act) for sparse in (False, True)}
         for stage in parts.stages:
             for position, block in enumerate(stage.blocks):
                 split, square, repeated = cost[block.sparse]
@@ -121,6 +122,9 @@ def predict_time(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
                 attention += tokens * square / dims.tp * recompute
                 acts += whole[block.sparse] * recompute
                 ops += OPS_PER_BLOCK[block.sparse] * recompute
+                if t.activation_checkpoint == "op":  # backward re-runs every op but the matmuls and attention
+                    acts += max(0.0, whole[block.sparse] - kept[block.sparse])
+                    ops += OPS_PER_BLOCK[block.sparse]
             if stage.last:
                 flops += tokens * 6 * m.dim * m.vocab_size / dims.tp
         dtensor_ops = ops if dims.tp > 1 else 0.0
