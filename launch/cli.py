@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--run-dir", help="the run folder, one for all nodes (becomes run.dir=...)")
     job.add_argument("--threads-per-rank", type=int, help="intra-op threads per rank (default: cores / ranks)")
     job.add_argument("--join-timeout", type=int, default=600, help="seconds to wait for all nodes to join")
+    job.add_argument("--last-call-timeout", type=int, default=30,
+                     help="elastic jobs: seconds to wait for more nodes once the minimum has joined, at the start "
+                          "and at each restart (default: 30, torchrun's)")
     job.add_argument("--hierarchical", action=argparse.BooleanOptionalAction, default=None,
                      help="replicate across nodes, shard within (default: on for more than one node)")
     job.add_argument("--recipe", default="pretrain", help="recipes.<name> or a module path (default: pretrain)")
@@ -78,6 +81,7 @@ def _spec(args: argparse.Namespace) -> LaunchSpec:
                       rdzv_id=args.rdzv_id, max_restarts=args.max_restarts, iface=args.iface,
                       local_addr=args.local_addr, run_dir=args.run_dir or override_value(args.overrides, "run.dir"),
                       threads_per_rank=args.threads_per_rank, join_timeout_s=args.join_timeout,
+                      last_call_timeout_s=args.last_call_timeout,
                       hierarchical=args.hierarchical)
 
 

@@ -38,6 +38,7 @@ class LaunchSpec:
     run_dir: str | None = None
     threads_per_rank: int | None = None
     join_timeout_s: int = 600
+    last_call_timeout_s: int = 30  # elastic: wait this long for more nodes once the minimum joined
     hierarchical: bool | None = None  # None: true for more than one node unless the overrides set a layout
 
     @property

@@ -46,7 +46,7 @@ def torchrun_args(spec: LaunchSpec) -> list[str]:
         args.append("--standalone")
     else:
         args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={spec.endpoint}", f"--rdzv-id={spec.rendezvous_id}"]
-        conf = [f"join_timeout={spec.join_timeout_s}"]
+        conf = [f"join_timeout={spec.join_timeout_s}", f"last_call_timeout={spec.last_call_timeout_s}"]
         if spec.node_rank is not None:
             conf.insert(0, f"is_host={str(spec.node_rank == 0).lower()}")
         args.append(f"--rdzv-conf={','.join(conf)}")

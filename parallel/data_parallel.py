@@ -57,12 +57,12 @@ def shard_experts(experts: list[nn.Module], mesh: DeviceMesh, reshard_after_forw
 
 def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, dp_mesh: DeviceMesh, reshard_after_forward: bool | int,
                param_dtype: torch.dtype | None, cpu_offload: bool, embedding: nn.Module | None = None,
-               head: list[nn.Module] | None = None) -> list[list[nn.Parameter]]:
+               head: list[nn.Module] | None = None, prefetch: int = 1) -> list[list[nn.Parameter]]:
     """Shard over `dp_mesh` (1-D: FSDP; 2-D: HSDP/DDP) the embedding, each block and the head (final
     norm + output projection) as units of their own, then the root (what is left, e.g. a weight the
     embedding and output share). Units gathered one at a time keep the peak low: the embedding's
-    and the output's full weights are never held through the whole step. Returns each unit's (sharded)
-    parameters, the root's last."""
+    and the output's full weights are never held through the whole step. `prefetch`: units gathered
+    ahead of use (`prefetch_units`). Returns each unit's (sharded) parameters, the root's last."""
     shard = partial(fully_shard, mesh=dp_mesh, **_policies(param_dtype, cpu_offload))
     if embedding is not None:
         shard(embedding, reshard_after_forward=reshard_after_forward)
@@ -76,6 +76,23 @@ def apply_fsdp(model: nn.Module, blocks: nn.ModuleDict, dp_mesh: DeviceMesh, res
     shard(model, reshard_after_forward=False)
     units = [*([[embedding]] if embedding is not None else []), *([block] for block in blocks.values()),
              *([head] if head else [])]
+    prefetch_units(model, [unit[0] for unit in units], prefetch, dp_mesh.device_type)
     owned = [[p for module in unit for p in module.parameters()] for unit in units]
     held = {id(p) for params in owned for p in params}
     return [*owned, [p for p in model.parameters() if id(p) not in held]]
+
+
+def prefetch_units(root: nn.Module, units: list[nn.Module], depth: int, device_type: str) -> None:
+    """Each unit issues the all-gathers of the `depth` units that follow it, in forward order in forward
+    and in reverse order in backward, before its own compute. On GPUs FSDP's side streams run them
+    (depth 1 is FSDP's implicit order, issued earlier); on gloo there are no streams and FSDP's own
+    all-gathers block the rank, so they are made asynchronous: the gathers of the next units then run
+    on gloo's threads while this unit computes. 0 keeps FSDP's defaults."""
+    if depth == 0 or not units:
+        return
+    if device_type != "cuda":
+        root._set_unshard_async_op(True)
+    root.set_modules_to_forward_prefetch(units[:depth])
+    for position, unit in enumerate(units):
+        unit.set_modules_to_forward_prefetch(units[position + 1:position + 1 + depth])
+        unit.set_modules_to_backward_prefetch(units[max(0, position - depth):position][::-1])

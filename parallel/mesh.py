@@ -246,7 +246,10 @@ def _first_to_report(text: str) -> bool:
 
 
 PEER_FAILURE_EXIT = 3
-PEER_FAILURE_SIGNS = ("Timed out", "timed out", "Connection reset", "Connection closed", "Broken pipe")
+# gloo's words for a peer that is gone or hung; "pair closure" follows a timeout inside an asynchronous
+# collective (e.g. FSDP's prefetched all-gathers), reported by the next wait on that connection.
+PEER_FAILURE_SIGNS = ("Timed out", "timed out", "Connection reset", "Connection closed", "Broken pipe",
+                      "Application timeout caused pair closure")
 
 
 def is_peer_failure(exc: BaseException) -> bool:

@@ -55,11 +55,12 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
                 sequence_parallel: bool, loss_parallel: bool, reshard_after_forward: bool | int,
                 activation_checkpoint: str = "none", activation_checkpoint_every: int = 1,
                 compile: bool = False, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
-                expert_mesh: DeviceMesh | None = None, linear_styles: tuple[type, type] | None = None
-                ) -> ReplicaReduction | None:
+                expert_mesh: DeviceMesh | None = None, linear_styles: tuple[type, type] | None = None,
+                fsdp_prefetch: int = 1) -> ReplicaReduction | None:
     """Parallelize `model` (still on the meta device) in place according to `dims`; `expert_mesh`
     (`build_expert_mesh`) when dims.ep > 1; `linear_styles`: the blocks' linears' column- and
-    row-wise TP styles when they are not plain linears (float8). Returns the cross-replica gradient reduction the runner
+    row-wise TP styles when they are not plain linears (float8); `fsdp_prefetch`: FSDP units gathered
+    ahead (`prefetch_units`). Returns the cross-replica gradient reduction the runner
     must drive (`ReplicaReduction`) where HSDP/DDP reduces across replicas itself: on gloo, without
     pipeline or expert parallelism (elsewhere FSDP's own, which overlaps on GPUs)."""
     blocks: nn.ModuleDict = model.get_submodule(plan.blocks)
@@ -89,7 +90,7 @@ def parallelize(model: nn.Module, plan: ModelPlan, *, dims: ParallelDims, mesh: 
         if reduces_replicas_itself(dims, dp_mesh.device_type):
             replicas = ReplicaReduction(dp_mesh.get_group(0))
             dp_mesh = dp_mesh[dp_mesh.mesh_dim_names[1]]
-        units = apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload, embedding, head)
+        units = apply_fsdp(model, blocks, dp_mesh, raf, param_dtype, cpu_offload, embedding, head, fsdp_prefetch)
         if replicas is not None:
             for params in units:
                 replicas.watch(params)

@@ -147,7 +147,8 @@ def _parallelize_part(part: nn.Module, cfg: PretrainConfig, layout: Layout, use_
                 activation_checkpoint_every=cfg.training.activation_checkpoint_every,
                 compile=on_device(cfg.training.compile, device.type),
                 param_dtype=torch.bfloat16 if cfg.training.dtype == "bfloat16" else None,
-                cpu_offload=cfg.parallel.cpu_offload, linear_styles=tp_styles() if cfg.training.float8 else None)
+                cpu_offload=cfg.parallel.cpu_offload, linear_styles=tp_styles() if cfg.training.float8 else None,
+                fsdp_prefetch=cfg.parallel.fsdp_prefetch)
     part.to_empty(device="cpu" if cfg.parallel.cpu_offload else device)
     init_weights(part, cfg.model, cfg.training.seed)
     if cfg.model.init_from:

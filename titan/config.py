@@ -171,6 +171,7 @@ class ParallelConfig:
     pp_layers_per_stage: Optional[List[int]] = None  # explicit split; default balances estimated FLOPs
     sequence_parallel: bool = False  # with tp > 1: shard norms and residuals along the sequence too
     reshard_after_forward: Any = True  # true | false | int (secondary partition size)
+    fsdp_prefetch: int = 1  # FSDP units whose all-gather is issued ahead of use, in forward and backward (0: FSDP's own)
     hierarchical: bool = False  # dp_replicate = nodes, dp_shard = ranks per node / tp
     loss_parallel: bool = True  # with tp > 1: cross-entropy on vocabulary-sharded logits
     cpu_offload: bool = False  # keep sharded parameters and optimizer state in CPU memory
@@ -363,6 +364,10 @@ def validate(cfg: PretrainConfig, world_size: int, dp_size: int) -> None:
                        ("data.num_workers", cfg.data.num_workers)]:
         if value < 0:
             raise ConfigError(key, f"must be >= 0, got {value}.", f"set {key}=0 or more (0 = off / in-process).")
+    if cfg.parallel.fsdp_prefetch < 0:
+        raise ConfigError("parallel.fsdp_prefetch", f"must be a count of FSDP units, got {cfg.parallel.fsdp_prefetch}.",
+                          "use 1 (the default: the next unit's all-gather runs during this unit's compute), 2 or more "
+                          "to gather further ahead (one more gathered unit held each), or 0 for FSDP's own order.")
     if cfg.eval.interval and cfg.eval.steps < 1:
         raise ConfigError("eval.steps", f"must be >= 1 when eval runs, got {cfg.eval.steps}.",
                           "set eval.steps=1 or more, or eval.interval=0 to turn eval off.")

@@ -23,7 +23,7 @@ ARGS = ["model=debug", "model.n_layers=4", "training.steps=24", "training.seq_le
 def _agent(port: int, host: bool, run_dir: Path) -> Launched:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2", "--max-restarts=3",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test",
-           f"--rdzv-conf=is_host={str(host).lower()},join_timeout=120,last_call_timeout=20",
+           f"--rdzv-conf=is_host={str(host).lower()},join_timeout=120,last_call_timeout=5",
            "-m", "recipes.pretrain", *ARGS, f"run.dir={run_dir}"]
     return Launched(cmd, run_dir.parent / f"agent-{'host' if host else 'peer'}", start_new_session=True)
 

@@ -126,7 +126,7 @@ def test_dead_host_ends_the_job_when_no_restart_is_allowed(cluster, tmp_path):
 def test_dead_host_elastic_job_continues_on_the_survivor(cluster, reference, tmp_path):
     run_dir = tmp_path / "run"
     agents = _launch_hosts(cluster, run_dir, [*ARGS, "training.steps=24", "checkpoint.interval=4",
-                                              "--max-restarts", "2"], nnodes="1:2")
+                                              "--max-restarts", "2", "--last-call-timeout", "5"], nnodes="1:2")
     wait_for(lambda: logged_steps(run_dir) >= 10, 240)
     _kill_host(cluster.hosts[1])
     (out, err), _ = _finish(agents, 300)

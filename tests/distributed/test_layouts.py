@@ -16,9 +16,9 @@ COMMON = ["model=debug", "training.steps=8", "training.seq_len=64", "training.gl
 
 LAYOUTS = {
     "fsdp2": (2, []),
-    "fsdp4": (4, []),
+    "fsdp4": (4, ["parallel.fsdp_prefetch=0"]),  # FSDP's own order (blocking all-gathers on gloo)
     "zero2": (4, ["parallel.reshard_after_forward=false"]),
-    "hpz": (4, ["parallel.reshard_after_forward=2"]),
+    "hpz": (4, ["parallel.reshard_after_forward=2", "parallel.fsdp_prefetch=2"]),
     "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     "ddp2": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
     "tp2": (2, ["parallel.tp=2"]),
@@ -39,6 +39,12 @@ def test_loss_curve_matches_single_process(name, reference, tmp_path):
     nproc, extra = LAYOUTS[name]
     got = layout_metrics_matching(reference, nproc, [*COMMON, *extra], tmp_path)
     assert any(k.startswith("comm_gb/") for k in got[-1]), got[-1]
+
+
+def test_fsdp_units_gathered_ahead_asynchronously_and_exactly():
+    proc = run_torchrun(2, None, [], script=str(Path(__file__).with_name("fsdp_prefetch_worker.py")), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fsdp prefetch ahead and exact" in proc.stdout
 
 
 DUMP = str(Path(__file__).with_name("dump_init.py"))

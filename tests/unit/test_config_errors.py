@@ -101,6 +101,7 @@ def test_non_positive_values_are_refused(key, value):
     (dict(data__source="csv"), 1, 1, "data.source"),
     (dict(logging__wandb__mode="sync"), 1, 1, "logging.wandb.mode"),
     (dict(lr__warmup_steps=-1), 1, 1, "lr.warmup_steps"),
+    (dict(parallel__fsdp_prefetch=-1), 2, 2, "parallel.fsdp_prefetch"),
     (dict(data__eval_fraction=0.0), 1, 1, "data.eval_fraction"),
     (dict(data__eval_fraction=1.0), 1, 1, "data.eval_fraction"),
     (dict(training__global_batch_size=16, training__micro_batch_size=1), 3, 3, "training.global_batch_size"),

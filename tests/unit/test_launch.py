@@ -35,7 +35,7 @@ def test_two_nodes_share_the_rendezvous_and_only_node_zero_hosts_it(capsys, tmp_
              for rank in (0, 1)]
     for rank, line in enumerate(lines):
         assert line.startswith("OMP_NUM_THREADS=") and "GLOO_SOCKET_IFNAME=lo NCCL_SOCKET_IFNAME=lo torchrun" in line
-        assert f"--rdzv-conf=is_host={'true' if rank == 0 else 'false'},join_timeout=600" in line
+        assert f"--rdzv-conf=is_host={'true' if rank == 0 else 'false'},join_timeout=600,last_call_timeout=30" in line
         assert "--rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:29611" in line
         assert "--local-addr=127.0.0.1" in line  # the interface's address
         assert line.endswith(f"-m recipes.pretrain model=debug run.dir={run_dir} parallel.hierarchical=true")

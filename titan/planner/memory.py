@@ -141,7 +141,9 @@ def _rank_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
     if cfg.optim.name == "muon":  # Muon keeps one moment (its momentum) where AdamW keeps two
         optimizer -= FP32 * sum(n * sum(q.elements(tp, ep, shards[e]) for q in u if q.muon) for u, e, n in parts.units)
     largest = max(_largest_param(u, tp, ep, shards[e]) for u, e, _ in parts.units)
-    opt_temp = FP32 * (params / FP32 if cluster.device == "cuda" else 2 * largest)  # foreach vs per-tensor AdamW
+    # foreach AdamW makes whole-list temporaries; the fused kernel (the default) and the per-tensor loop
+    # at most two of the largest tensor
+    opt_temp = FP32 * (params / FP32 if cfg.optim.implementation == "foreach" else 2 * largest)
 
     tokens = layout.local_tokens
     whole = {sparse: block_activations(sparse, m, tokens, tp, sp, dims.cp, act) for sparse in (False, True)}
@@ -183,7 +185,9 @@ def _rank_memory(facts: ModelFacts, layout: PlannedLayout, cluster: ClusterConfi
         if not isinstance(p.reshard_after_forward, bool):
             k = int(p.reshard_after_forward)
             gathered += gathered_bytes * sum(n * _unit_shard(u, tp, ep, k) for u, _, n in parts.regathered())
-        gathered += 2 * FP32 * max(_unit_shard(u, tp, ep, 1) for u, _, _ in parts.units)  # gradient + reduce-scatter buffer
+        largest_unit = max(_unit_shard(u, tp, ep, 1) for u, _, _ in parts.units)
+        gathered += 2 * FP32 * largest_unit  # gradient + reduce-scatter buffer
+        gathered += gathered_bytes * max(0, p.fsdp_prefetch - 1) * largest_unit  # units gathered further ahead
 
     # The end of the step's last backward: every gradient shard exists, and FSDP holds the last unit it
     # reduces (the first in forward order) unsharded with its full gradient and reduce-scatter input.
