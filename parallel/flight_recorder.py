@@ -15,7 +15,8 @@ under `torch.compile` tracing the wrappers step aside. Not seen: collectives iss
 
 `write_dump()` appends to `<run.dir>/hang/rank-<N>.txt` (after `set_dump_dir`): a title, every
 thread's Python stack, and the recorded collectives with their mesh dimension (`name_mesh` names the
-process groups), the newest last, marked when they never returned. `parallel.mesh.run_main` writes
+process groups), the newest last, marked when they never returned (an asynchronous one: when its
+Work, still held by the caller, has not completed). `parallel.mesh.run_main` writes
 one when a peer dies or stops answering; the hang watchdog (`titan.watchdog`) when a step overruns.
 """
 
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,8 +73,9 @@ _dump_dir: Path | None = None
 _dump_lock = threading.Lock()
 _compiling = torch.compiler.is_compiling
 
-# entry: [seq, monotonic time, name, group, sizes, where, async, returned]
-SEQ, TIME, NAME, GROUP, SIZES, WHERE, ASYNC, RETURNED = range(8)
+# entry: [seq, monotonic time, name, group, sizes, where, async, returned, work]
+# (work: a weak reference to an asynchronous call's Work, to tell at dump time whether it completed)
+SEQ, TIME, NAME, GROUP, SIZES, WHERE, ASYNC, RETURNED, WORK = range(9)
 
 
 def set_step(step: int, inside: bool) -> None:
@@ -164,7 +167,7 @@ def _wrap(fn: Callable, name: str, describe: Callable, always_async: bool) -> Ca
             return fn(*args, **kwargs)
         group, sizes = described
         entry = [next(_seq), time.monotonic(), name, group, sizes, _where,
-                 always_async or bool(kwargs.get("async_op")), False]
+                 always_async or bool(kwargs.get("async_op")), False, None]
         _ring.append(entry)
         _local.busy = True
         try:
@@ -172,6 +175,8 @@ def _wrap(fn: Callable, name: str, describe: Callable, always_async: bool) -> Ca
         finally:
             _local.busy = False
         entry[RETURNED] = True
+        if isinstance(out, dist.Work):
+            entry[WORK] = weakref.ref(out)
         return out
     recorded.__recorded__ = fn  # type: ignore[attr-defined]
     return recorded
@@ -271,11 +276,20 @@ def format_collectives(entries: list[list] | None = None, now: float | None = No
     for entry in entries:
         step, inside = entry[WHERE]
         where = f"step {step}" if inside else (f"after step {step}" if step else "before step 1")
-        state = ("issued (async)" if entry[ASYNC] else "returned") if entry[RETURNED] else "DID NOT RETURN"
+        state = (_async_state(entry) if entry[ASYNC] else "returned") if entry[RETURNED] else "DID NOT RETURN"
         sizes = ", ".join(_size_text(s) for s in entry[SIZES]) or "-"
         lines.append(f"  #{entry[SEQ]:<6} {now - entry[TIME]:8.2f}s ago  {where:<14} {entry[NAME]:<28} "
                      f"{_group_label(entry[GROUP])}  {sizes}  {state}")
     return lines
+
+
+def _async_state(entry: list) -> str:
+    """An asynchronous call: its Work still held and not completed (what a hung rank waits for),
+    ended (done or failed), or released by its caller (waited for, as FSDP and our code do)."""
+    work = entry[WORK]() if entry[WORK] is not None else None
+    if work is None:
+        return "issued (async)"
+    return "issued (async), ended" if work.is_completed() else "issued (async), NOT COMPLETED"
 
 
 def format_stacks() -> list[str]:

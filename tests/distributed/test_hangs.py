@@ -41,13 +41,15 @@ def test_hung_rank_ends_the_job_with_exit_3_and_every_rank_dumps_its_stacks(tmp_
         assert "step 3 has run" in text  # the watchdog saw the step overrun before the timeout
     assert "injected_hang_sleeps_forever" in hung and "time.sleep(3600)" in hung
     assert "SIGTERM received while step 3 was overdue" in hung  # torchrun's SIGTERM ended it at once
-    assert "a collective failed: a peer rank died or stopped responding" in live and "Timed out" in live
-    # The live rank's last collectives name their mesh dimension; the one it waited in never returned.
+    assert "a collective failed: a peer rank died or stopped responding" in live
+    assert re.search(r"Timed out|Application timeout", live), live[:4000]
+    # The live rank's last collectives name their mesh dimension; the one it waited in never returned
+    # (FSDP's all-gathers are asynchronous on gloo: issued ahead, never completed).
     collectives = [line for line in live.split("last ")[1].splitlines() if line.startswith("  #")]
     assert any("step 2" in line and "reduce_scatter_single" in line and "dp_shard (ranks [0, 1])" in line
                for line in collectives)
-    assert re.search(r"step 3 +all_gather_single +dp_shard \(ranks \[0, 1\]\) +float32\[\d+\].*DID NOT RETURN",
-                     live), live[:4000]
+    assert re.search(r"step 3 +all_gather_single +dp_shard \(ranks \[0, 1\]\) +float32\[\d+\].*"
+                     r"(DID NOT RETURN|issued \(async\), NOT COMPLETED)", live), live[:4000]
 
 
 def test_hang_rank_outside_the_job_is_refused(tmp_path):
