@@ -7,13 +7,7 @@
 # torchdata and torchao in .whl/ first (python3 -m pip download --no-deps -d .whl hydra-core omegaconf
 # antlr4-python3-runtime==4.9.3 torchdata torchao==0.18.0).
 set -u
-cd "$(dirname "$0")/.."
-if ! python3 -c "import hydra, torchdata, torchao" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled OUT=${OUT:-/tmp}
-python3 -c "import torch;print('torch', torch.__version__, torch.cuda.get_device_name())"
+source "$(dirname "$0")/gpu_env.sh" "hydra, torchdata, torchao"
 BASE="training.dtype=bfloat16 training.seq_len=2048 logging.log_interval=1 eval.interval=0 checkpoint.enabled=false logging.progress_bar=false"
 M125="model=125m training.global_batch_size=16 training.micro_batch_size=16 training.steps=16"
 M1B="model=1b training.global_batch_size=8 training.micro_batch_size=8 training.steps=12"

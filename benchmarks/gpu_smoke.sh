@@ -6,13 +6,7 @@
 # omegaconf, antlr4-python3-runtime and torchdata (no network), put their wheels in .whl/ first.
 # Per-step lines go to stdout; $OUT (when set) receives both metrics.jsonl files.
 set -u
-cd "$(dirname "$0")/.."
-if ! python3 -c "import hydra, torchdata" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled OUT=${OUT:-/tmp}
-python3 -c "import torch;print('torch', torch.__version__, torch.cuda.get_device_name())"
+source "$(dirname "$0")/gpu_env.sh" "hydra, torchdata"
 COMMON="model=125m training.dtype=bfloat16 training.seq_len=1024 training.global_batch_size=32 training.micro_batch_size=16 logging.log_interval=5 eval.interval=10 eval.steps=2 logging.progress_bar=false checkpoint.interval=20"
 PLAN="cluster=h200_ib cluster.devices_per_node=1"  # the planner's prediction at step 1, checked below
 echo "== eager 30 steps"; timeout 170 python3 -m recipes.pretrain $COMMON $PLAN training.steps=30 run.dir=/tmp/r1 2>&1 | tail -9
